@@ -1,0 +1,173 @@
+"""Loading tokenizers and models, and writing checkpoints in the Hugging Face layout."""
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import transformers
+from omegaconf import DictConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+import embedded
+from utils import DTYPES
+
+TRAINER_STATE_FILE = "trainer_state.pt"
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded; the message says how to fix it."""
+
+
+def _hub_failure(name_or_path: str, error: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"Could not load '{name_or_path}' ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}).\n"
+        "If this machine cannot reach the Hugging Face Hub, download the model where it can "
+        f"(`huggingface-cli download {name_or_path} --local-dir DIR`) and pass model.name_or_path=DIR "
+        "(and model.tokenizer_name_or_path=DIR), or run once online so the Hub cache holds it. "
+        "Set HF_HUB_OFFLINE=1 to fail at once instead of retrying."
+    )
+
+
+def load_tokenizer(model_config: DictConfig) -> transformers.PreTrainedTokenizerBase:
+    """The model's tokenizer, with a pad token (the EOS token when it has none)."""
+    source = model_config.tokenizer_name_or_path or model_config.name_or_path
+    if source is None:
+        tokenizer = embedded.build_tokenizer()
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_config.trust_remote_code)
+        except OSError as error:
+            raise _hub_failure(source, error) from error
+    if tokenizer.eos_token_id is None:
+        raise ModelLoadError(f"The tokenizer of '{source}' has no EOS token; responses need one to end.")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _zero_dropout(config: transformers.PretrainedConfig) -> None:
+    """Dropout off, as in the DPO paper: the policy and reference must score text deterministically."""
+    for key, value in config.to_dict().items():
+        if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
+            setattr(config, key, 0.0)
+
+
+def _from_scratch_config(model_config: DictConfig, tokenizer, max_length: int) -> transformers.LlamaConfig:
+    shape = model_config.from_scratch
+    return transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_attention_heads,
+        max_position_embeddings=max_length,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _load_pretrained(source: str, model_config: DictConfig, dtype: torch.dtype) -> PreTrainedModel:
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=model_config.trust_remote_code)
+        _zero_dropout(config)
+        return AutoModelForCausalLM.from_pretrained(
+            source,
+            config=config,
+            dtype=dtype,
+            attn_implementation=model_config.attn_implementation,
+            trust_remote_code=model_config.trust_remote_code,
+        )
+    except OSError as error:
+        raise _hub_failure(source, error) from error
+
+
+def _load_reference_scripts_archive(model: PreTrainedModel, path: Path) -> None:
+    """Load the reference scripts' policy.pt ({"state": state_dict, ...}) without unpickling code."""
+    archive = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(archive, dict) or "state" not in archive:
+        raise ModelLoadError(f"model.archive={path}: expected a dict with a 'state' entry (the reference scripts' policy.pt).")
+    result = model.load_state_dict(archive["state"], strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise ModelLoadError(
+            f"model.archive={path} does not match the model {model.config.name_or_path or model.config.model_type}: "
+            f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}. Is model= the model that was trained?"
+        )
+    model.tie_weights()
+
+
+def load_model(
+    model_config: DictConfig, dtype_name: str, tokenizer, max_length: int, seed: int
+) -> PreTrainedModel:
+    """The policy or reference model: an earlier stage's checkpoint, pretrained weights, or fresh weights.
+
+    Models built from scratch draw their weights from `seed`, so two calls give the same model.
+    """
+    dtype = DTYPES[dtype_name]
+    archive = Path(model_config.archive) if model_config.archive else None
+    if archive is not None and archive.is_dir():
+        model = _load_pretrained(str(archive), model_config, dtype)
+    elif model_config.from_scratch is not None:
+        config = _from_scratch_config(model_config, tokenizer, max_length)
+        config._attn_implementation = model_config.attn_implementation or "sdpa"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        model = _load_pretrained(model_config.name_or_path, model_config, dtype)
+    if archive is not None and archive.is_file():
+        _load_reference_scripts_archive(model, archive)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def block_class_name(model: PreTrainedModel, configured: str | None) -> str:
+    """The transformer block class to shard and checkpoint: configured, else the model's own hint."""
+    if configured:
+        return configured
+    hints = getattr(model, "_no_split_modules", None) or []
+    if not hints:
+        raise ModelLoadError(
+            f"Cannot tell the transformer block class of {type(model).__name__}; set model.block_name."
+        )
+    return hints[0]
+
+
+def write_checkpoint(
+    checkpoint_dir: Path,
+    tmp_dir: Path,
+    model: PreTrainedModel,
+    state_dict: dict[str, torch.Tensor],
+    tokenizer,
+    trainer_state: dict,
+) -> None:
+    """Complete a checkpoint in `tmp_dir` (Hugging Face model folder plus trainer state), then rename it.
+
+    The rename happens only once everything is written, so a crash mid-save never leaves a
+    half-written folder under the final name, and an older checkpoint of the same name is
+    replaced only by a complete one.
+    """
+    model.save_pretrained(tmp_dir, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_dir)
+    torch.save(trainer_state, tmp_dir / TRAINER_STATE_FILE)
+    replace_dir(tmp_dir, checkpoint_dir)
+
+
+def replace_dir(new_dir: Path, final_dir: Path) -> None:
+    """Move a complete folder to its final name, replacing an older one only after the move."""
+    old_dir = final_dir.with_name(final_dir.name + ".old")
+    shutil.rmtree(old_dir, ignore_errors=True)
+    if final_dir.exists():
+        os.replace(final_dir, old_dir)
+    os.replace(new_dir, final_dir)
+    shutil.rmtree(old_dir, ignore_errors=True)
