@@ -157,6 +157,10 @@ def write_checkpoint(
     half-written folder under the final name, and an older checkpoint of the same name is
     replaced only by a complete one.
     """
+    if getattr(model.config, "tie_word_embeddings", False):
+        # a gathered state dict holds tied weights twice; the checkpoint stores them once
+        for key in getattr(model, "_tied_weights_keys", None) or {}:
+            state_dict.pop(key, None)
     model.save_pretrained(tmp_dir, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(tmp_dir)
     torch.save(trainer_state, tmp_dir / TRAINER_STATE_FILE)

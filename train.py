@@ -76,6 +76,9 @@ def train_worker(rank: int, world_size: int, config: DictConfig, run_dir: Path |
     else:
         local_rank = 0
     device = resolve_device(config.device, local_rank)
+    if device.type == "cpu" and world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # processes sharing this machine's cores would otherwise each start one thread per core
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
     is_main = rank == 0
     seed_everything(config.seed)
     try:

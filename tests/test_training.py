@@ -1,0 +1,191 @@
+"""End-to-end runs of train.py on the embedded task, and trainer equivalence.
+
+The strongest checks a trainer can have: one process and two processes (FSDP, tensor
+parallel) must compute the same losses, rewards and final weights from the same data.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import train
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# a smaller model than the demo's, so each run takes seconds
+SMALL_MODEL = [
+    "model.from_scratch.hidden_size=64",
+    "model.from_scratch.intermediate_size=128",
+    "model.from_scratch.num_hidden_layers=2",
+    "model.from_scratch.num_attention_heads=4",
+]
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "config"), version_base=None):
+        return compose(config_name="config", overrides=overrides)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_in_processes(config: DictConfig, run_dir: Path, n_processes: int) -> None:
+    """What train.py does for one run, in this process (1) or in spawned ranks (> 1)."""
+    run_dir.mkdir(parents=True)
+    if n_processes == 1:
+        train.train_worker(0, 1, config, run_dir)
+        return
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(free_port())
+    mp.spawn(train.train_worker, nprocs=n_processes, args=(n_processes, config, run_dir), join=True)
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss/train" in r]
+
+
+def equivalence_overrides(loss: str) -> list[str]:
+    return SMALL_MODEL + [
+        f"loss={loss}",
+        "batch_size=8",
+        "gradient_accumulation_steps=2",
+        "eval_batch_size=16",
+        "n_examples=80",  # 10 optimizer steps
+        "n_eval_examples=32",
+        "eval_every=1000000",
+        "do_first_eval=false",
+        "sample_during_eval=false",
+        "minimum_log_interval_secs=0",  # one metrics line per optimizer step
+        "lr=1e-3",
+        "warmup_steps=2",
+        "max_grad_norm=0.5",  # small enough that clipping is exercised
+    ]
+
+
+@pytest.mark.parametrize("loss", ["sft", "dpo"])
+def test_fsdp_and_tensor_parallel_match_one_device(loss, tmp_path):
+    runs = {
+        "BasicTrainer": 1,
+        "FSDPTrainer": 2,
+        "TensorParallelTrainer": 2,
+    }
+    records, weights = {}, {}
+    for trainer, n_processes in runs.items():
+        config = compose_config(equivalence_overrides(loss) + [f"trainer={trainer}"])
+        run_dir = tmp_path / trainer
+        run_in_processes(config, run_dir, n_processes)
+        records[trainer] = train_records(run_dir)
+        weights[trainer] = load_file(run_dir / "LATEST" / "model.safetensors")
+
+    basic = records["BasicTrainer"]
+    assert len(basic) == 10
+    keys = [k for k in basic[0] if k.startswith(("loss/", "rewards_", "logps_", "grad_norm"))]
+    assert "loss/train" in keys and (loss == "sft" or "rewards_train/margins" in keys)
+    for trainer in ("FSDPTrainer", "TensorParallelTrainer"):
+        assert len(records[trainer]) == 10
+        for step, (expected, actual) in enumerate(zip(basic, records[trainer])):
+            assert actual["counters/examples"] == expected["counters/examples"]
+            for key in keys:
+                assert actual[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-5), f"{trainer} step {step} {key}"
+        assert weights[trainer].keys() == weights["BasicTrainer"].keys()
+        for name, tensor in weights["BasicTrainer"].items():
+            torch.testing.assert_close(weights[trainer][name], tensor, rtol=1e-4, atol=1e-5, msg=f"{trainer} {name}")
+    # training moved the weights (the comparison above is not between untouched models)
+    assert basic[-1]["loss/train"] < basic[0]["loss/train"]
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path):
+    """Token-weighted SFT loss over 4 micro-batches equals the loss of one full batch."""
+    results = {}
+    for steps in (1, 4):
+        overrides = equivalence_overrides("sft") + [f"gradient_accumulation_steps={steps}", "n_examples=32"]
+        run_in_processes(compose_config(overrides), tmp_path / str(steps), 1)
+        results[steps] = train_records(tmp_path / str(steps))
+    for full, accumulated in zip(results[1], results[4]):
+        assert accumulated["loss/train"] == pytest.approx(full["loss/train"], rel=1e-5)
+        assert accumulated["grad_norm"] == pytest.approx(full["grad_norm"], rel=1e-4)
+
+
+def run_cli(args: list[str], cwd: Path, launcher: list[str] | None = None) -> str:
+    """Run train.py as a user would; return its output, failing the test on a non-zero exit."""
+    command = (launcher or [sys.executable, "-u"]) + [str(REPO_ROOT / "train.py")] + args
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def run_folder(output: str) -> Path:
+    return Path(next(line for line in output.splitlines() if line.startswith("run folder: ")).removeprefix("run folder: "))
+
+
+def check_checkpoint_loads_and_generates(checkpoint: Path) -> None:
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"):
+        assert (checkpoint / name).is_file(), name
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    prompt = tokenizer("\n\nHuman: Which is the largest of 1, 7, 3?\n\nAssistant:", return_tensors="pt")
+    output = model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert output.shape[1] > prompt["input_ids"].shape[1]
+    trainer_state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    assert trainer_state["examples_seen"] > 0
+
+
+def stage_args(tmp_path: Path) -> list[str]:
+    return SMALL_MODEL + [f"local_dirs=[{tmp_path}]", "n_examples=128", "eval_every=64", "n_eval_examples=64"]
+
+
+def test_sft_then_dpo_from_the_command_line(tmp_path):
+    sft_dir = run_folder(run_cli(stage_args(tmp_path) + ["loss=sft", "exp_name=sft"], tmp_path))
+    assert sft_dir.parent == tmp_path and sft_dir.name.startswith("sft_")
+    assert sorted(p.name for p in sft_dir.iterdir()) == ["LATEST", "config.yaml", "metrics.jsonl", "samples", "step-128", "step-64"]
+    assert (sft_dir / "LATEST" / "optimizer.pt").is_file()
+    assert not (tmp_path / "outputs").exists(), "Hydra must not write its own outputs/ tree"
+
+    output = run_cli(stage_args(tmp_path) + ["loss=dpo", f"model.archive={sft_dir / 'LATEST'}", "exp_name=dpo"], tmp_path)
+    dpo_dir = run_folder(output)
+    check_checkpoint_loads_and_generates(dpo_dir / "LATEST")
+    evals = [json.loads(l) for l in (dpo_dir / "metrics.jsonl").read_text().splitlines() if "rewards_eval/accuracies" in l]
+    # the first eval is before any DPO step: policy == reference (the SFT model), so rewards are exactly 0
+    assert evals[0]["counters/examples"] == 0 and evals[0]["rewards_eval/margins"] == 0.0
+    assert evals[0]["loss/eval"] == pytest.approx(0.6931472, abs=1e-6)
+    assert evals[-1]["rewards_eval/margins"] > 0
+    samples = [json.loads(l) for l in (dpo_dir / "samples" / "examples-128.jsonl").read_text().splitlines()]
+    assert samples and {"prompt", "policy", "reference"} <= set(samples[0])
+
+
+def test_two_process_sft_then_dpo_with_torchrun(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port())]
+    args = stage_args(tmp_path) + ["trainer=FSDPTrainer", "n_eval_model_samples=3"]
+    sft_dir = run_folder(run_cli(args + ["loss=sft", "exp_name=sft"], tmp_path, torchrun))
+    assert (sft_dir / "LATEST" / "optimizer").is_dir()  # sharded optimizer state, one file per rank
+    torchrun[-1] = str(free_port())
+    dpo_dir = run_folder(run_cli(args + ["loss=dpo", f"model.archive={sft_dir / 'LATEST'}", "exp_name=dpo"], tmp_path, torchrun))
+    check_checkpoint_loads_and_generates(dpo_dir / "LATEST")
+    samples = [json.loads(l) for l in (dpo_dir / "samples" / "examples-128.jsonl").read_text().splitlines()]
+    assert len(samples) == 3  # gathered from both ranks, sampled without a hang
+
+
+def test_bad_config_fails_before_loading_anything(tmp_path):
+    command = [sys.executable, str(REPO_ROOT / "train.py"), "loss=dpo", "loss.beta=-1", "max_prompt_length=100",
+               "max_length=64", f"local_dirs=[{tmp_path}]"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "loss.beta=-1" in result.stderr and "max_prompt_length=100" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir()), "no run folder for a config that cannot run"
