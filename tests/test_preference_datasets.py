@@ -1,0 +1,553 @@
+"""Loading, parsing, tokenizing, batching and padding of preference data, offline.
+
+The built-in datasets are read from fixtures in their real Hub repository layouts
+(tests/dataset_fixtures.py), the way a user passes a downloaded copy with dataset_paths.
+"""
+
+import os
+
+# before anything imports huggingface_hub, which reads these once
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import json
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import preference_datasets
+from dataset_fixtures import (
+    byte_tokenizer,
+    hh_prompt,
+    hh_row,
+    se_row,
+    shp_row,
+    write_hh_repo,
+    write_preference_file,
+    write_se_repo,
+    write_shp_repo,
+)
+from preference_datasets import (
+    DatasetError,
+    collate,
+    collate_prompts,
+    get_dataset,
+    html_to_text,
+    iterate_batches,
+    load_preference_file,
+    tokenize_datasets,
+    tokenize_element,
+    truncation_mode_for,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """GPT-2-like: adds no special tokens by default; one token per byte."""
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer():
+    """Llama-like: puts BOS before every encoded text by default."""
+    return byte_tokenizer(adds_bos=True)
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+# ----- Anthropic HH ---------------------------------------------------------------------
+
+SHARED = hh_prompt([("What is a good name for a cat?", " Whiskers is a classic.")], "Any others?")
+ALONE = hh_prompt([], "How do I boil an egg?")
+TEST_PROMPT = hh_prompt([], "Is the sky blue?")
+
+
+def write_hh(root):
+    return write_hh_repo(
+        root,
+        {
+            ("harmless-base", "train"): [hh_row(SHARED, " Mittens.", " No."), hh_row(ALONE, " Put it in boiling water.", " Why?")],
+            ("helpful-base", "train"): [hh_row(SHARED, " Felix or Tom.", " Cats are bad.")],
+            ("helpful-online", "test"): [hh_row(TEST_PROMPT, " Yes, by day.", " No.")],
+        },
+    )
+
+
+def test_hh_from_a_local_copy_splits_dialogues_at_the_last_assistant_turn(tmp_path):
+    hh_dir = write_hh(tmp_path / "hh-rlhf")
+    train = get_dataset("hh", "train", silent=True, cache_dir=str(tmp_path / "cache"), dataset_paths={"hh": str(hh_dir)})
+    # rows sharing a prompt (here across subsets) append their responses; the red-team file is not read
+    assert train == {
+        SHARED: {
+            "responses": [" Mittens.", " No.", " Felix or Tom.", " Cats are bad."],
+            "pairs": [(0, 1), (2, 3)],
+            "sft_target": " Felix or Tom.",
+        },
+        ALONE: {"responses": [" Put it in boiling water.", " Why?"], "pairs": [(0, 1)], "sft_target": " Put it in boiling water."},
+    }
+    assert SHARED.endswith("\n\nHuman: Any others?\n\nAssistant:") and SHARED.count("\n\nAssistant:") == 2
+    test = get_dataset("hh", "test", silent=True, cache_dir=str(tmp_path / "cache"), dataset_paths={"hh": str(hh_dir)})
+    assert list(test) == [TEST_PROMPT]
+
+
+def test_hh_skips_rows_whose_conversations_differ_before_the_last_turn(tmp_path, capsys):
+    bad = {"chosen": hh_prompt([("Hi", " Hello.")], "Bye") + " Bye!", "rejected": hh_prompt([("Hi", " Go away.")], "Bye") + " Bye!"}
+    hh_dir = write_hh_repo(tmp_path / "hh-rlhf", {("harmless-base", "train"): [hh_row(ALONE, " A.", " B."), bad]})
+    data = get_dataset("hh", "train", cache_dir=str(tmp_path / "cache"), dataset_paths={"hh": str(hh_dir)})
+    assert list(data) == [ALONE]
+    assert "skipped 1 row(s) because its rejected conversation differs before the last Assistant turn (row indices 1)" in capsys.readouterr().out
+
+
+# ----- SHP -----------------------------------------------------------------------------------
+
+
+def test_shp_keeps_pairs_with_score_ratio_at_least_2_and_deduplicates_responses(tmp_path):
+    history = "What should I read before my PhD?"
+    shp_dir = write_shp_repo(
+        tmp_path / "SHP",
+        {
+            ("askacademia", "train"): [
+                shp_row(history, "Read papers.", "Read novels.", 30, 10),
+                shp_row(history, "Read novels.", "Sleep instead.", 10, 40),  # B preferred; "Read novels." again
+                shp_row(history, "Read papers.", "Nothing.", 30, 20),  # ratio 1.5: dropped
+                shp_row(history, "Read papers.", "Nothing.", 90, 30),  # another comment with the same text, scored higher
+                shp_row("Too close to call?", "Yes.", "No.", 5, 4),  # only pair dropped: prompt omitted
+            ],
+            ("askphysics", "train"): [shp_row("Why is the sky blue?", "Rayleigh scattering.", "Magic.", 8, 2)],
+            ("askacademia", "validation"): [shp_row("Validation question?", "A.", "B.", 9, 3)],
+            ("askacademia", "test"): [shp_row("Test question?", "A.", "B.", 9, 3)],
+        },
+    )
+    paths = {"shp": str(shp_dir)}
+    train = get_dataset("shp", "train", silent=True, cache_dir=str(tmp_path / "cache"), dataset_paths=paths)
+    prompt = "\n\nHuman: What should I read before my PhD?\n\nAssistant:"
+    assert train == {
+        prompt: {
+            "responses": [" Read papers.", " Read novels.", " Sleep instead.", " Nothing."],
+            "pairs": [(0, 1), (2, 1), (0, 3)],
+            "sft_target": " Read papers.",  # its best score, 90, beats " Sleep instead." at 40
+        },
+        "\n\nHuman: Why is the sky blue?\n\nAssistant:": {
+            "responses": [" Rayleigh scattering.", " Magic."],
+            "pairs": [(0, 1)],
+            "sft_target": " Rayleigh scattering.",
+        },
+    }
+    for split, question in (("validation", "Validation question?"), ("test", "Test question?")):
+        data = get_dataset("shp", split, silent=True, cache_dir=str(tmp_path / "cache"), dataset_paths=paths)
+        assert list(data) == [f"\n\nHuman: {question}\n\nAssistant:"]
+
+
+def test_shp_computes_the_score_ratio_when_the_field_is_absent(tmp_path):
+    rows = [shp_row("Q1?", "Good.", "Bad.", 20, 10), shp_row("Q2?", "Good.", "Bad.", 19, 10)]
+    for row in rows:
+        del row["score_ratio"]
+    shp_dir = write_shp_repo(tmp_path / "SHP", {("askculinary", "train"): rows})
+    data = get_dataset("shp", "train", silent=True, cache_dir=str(tmp_path / "cache"), dataset_paths={"shp": str(shp_dir)})
+    assert list(data) == ["\n\nHuman: Q1?\n\nAssistant:"]
+
+
+# ----- Stack Exchange ------------------------------------------------------------------------
+
+
+def test_html_to_text_keeps_text_and_turns_blocks_into_line_breaks():
+    html = (
+        "<p>I fit a <strong>model</strong> with <code>lm()</code> &amp; got:</p>\n\n"
+        "<pre><code>fit &lt;- lm(y ~ x)\n  summary(fit)\n</code></pre>\n\n"
+        "<ul>\n<li>first</li>\n<li>second<br>line</li>\n<li><p>third</p></li>\n</ul>\n<p>Thanks!</p>"
+    )
+    assert html_to_text(html) == (
+        "I fit a model with lm() & got:\n\nfit <- lm(y ~ x)\n  summary(fit)\n\n- first\n- second\nline\n- third\n\nThanks!"
+    )
+
+
+def write_se(root, n_questions: int):
+    rows = [
+        se_row(i, f"<p>Question {i}?</p>", [(f"<p>Answer {i}a</p>", 3), (f"<p>Answer {i}b</p>", 1), (f"<p>Answer {i}c</p>", 1)])
+        for i in range(n_questions)
+    ]
+    return write_se_repo(root, {"stats.stackexchange.com": rows[: n_questions // 2], "Stackoverflow.com": rows[n_questions // 2:]})
+
+
+def test_se_pairs_answers_with_different_scores_from_plain_text(tmp_path):
+    rows = [
+        se_row(1, "<p>How do I <em>center</em> a div?</p>", [("<p>Use flexbox.</p>", 2), ("<p>Use a table.</p>", 0), ("<p>Margins.</p>", 2)]),
+        se_row(2, "<p>Is this a tie?</p>", [("<p>Yes.</p>", 1), ("<p>No.</p>", 1)]),
+    ]
+    se_dir = write_se_repo(tmp_path / "se", {"webmasters.stackexchange.com": rows})
+    # with 2 questions the 1% test share is empty, so train holds everything
+    data = get_dataset("se", "train", silent=True, cache_dir=str(tmp_path / "cache"), dataset_paths={"se": str(se_dir)})
+    assert data == {
+        "\n\nHuman: How do I center a div?\n\nAssistant:": {
+            "responses": [" Use flexbox.", " Use a table.", " Margins."],
+            "pairs": [(0, 1), (2, 1)],  # the tie between 0 and 2 makes no pair
+            "sft_target": " Use flexbox.",
+        }
+    }
+
+
+def test_se_holds_out_the_first_percent_of_the_seed_42_shuffle(tmp_path):
+    n_questions = 300
+    se_dir = write_se(tmp_path / "se", n_questions)
+    paths, cache = {"se": str(se_dir)}, str(tmp_path / "cache")
+    test = get_dataset("se", "test", silent=True, cache_dir=cache, dataset_paths=paths)
+    train = get_dataset("se", "train", silent=True, cache_dir=cache, dataset_paths=paths)
+    assert len(test) == 3 and len(train) == n_questions - 3
+    assert not set(test) & set(train)
+    # the reference scripts' split: datasets' shuffle(seed=42) is numpy's default_rng(42) permutation
+    # of the rows, which come file by file in sorted path order (data/Stackoverflow.com first)
+    qids_in_row_order = list(range(150, 300)) + list(range(150))
+    held_out_qids = [qids_in_row_order[i] for i in np.random.default_rng(42).permutation(n_questions)[:3]]
+    assert list(test) == [f"\n\nHuman: Question {qid}?\n\nAssistant:" for qid in held_out_qids]
+    assert get_dataset("se", "test", silent=True, cache_dir=cache, dataset_paths=paths) == test
+
+
+# ----- Hub errors ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "source", "hub_id"),
+    [("hh", "example-org/hh-mirror", "Anthropic/hh-rlhf"), ("se", "example-org/se-mirror", "HuggingFaceH4/stack-exchange-preferences")],
+)
+def test_unreachable_hub_fails_fast_with_the_way_out(tmp_path, name, source, hub_id):
+    # sources no Hub cache holds, so the test means the same on every machine
+    start = time.monotonic()
+    with pytest.raises(DatasetError) as error:
+        get_dataset(name, "train", silent=True, cache_dir=str(tmp_path / "cache"), dataset_paths={name: source})
+    assert time.monotonic() - start < 5
+    message = str(error.value)
+    assert f"Could not load dataset '{name}' from '{source}'" in message
+    assert "cannot reach the Hugging Face Hub" in message
+    assert f"hf download --repo-type dataset {hub_id} --local-dir DIR" in message and f"dataset_paths.{name}=DIR" in message
+
+
+def test_missing_local_copy_names_the_setting(tmp_path):
+    with pytest.raises(DatasetError, match=r"dataset_paths.shp=.*nowhere: no such directory"):
+        get_dataset("shp", "train", silent=True, dataset_paths={"shp": str(tmp_path / "nowhere")})
+
+
+def test_local_copy_of_another_dataset_is_reported(tmp_path):
+    shp_dir = write_shp_repo(tmp_path / "SHP", {("askacademia", "train"): [shp_row("Q?", "A.", "B.", 9, 3)]})
+    with pytest.raises(DatasetError, match=r"Dataset 'hh' from .*lacks \['chosen', 'rejected'\]. Is this a copy of Anthropic/hh-rlhf"):
+        get_dataset("hh", "train", silent=True, cache_dir=str(tmp_path / "cache"), dataset_paths={"hh": str(shp_dir)})
+
+
+def test_unknown_split_is_reported_before_loading():
+    with pytest.raises(DatasetError, match="Dataset 'se' has splits 'train' and 'test', not 'validation'"):
+        get_dataset("se", "validation", silent=True)
+
+
+# ----- user files --------------------------------------------------------------------------
+
+
+def preference_rows(n_prompts: int) -> list[dict]:
+    return [{"prompt": f"Q{i}?", "chosen": f" good {i}", "rejected": f" bad {i}"} for i in range(n_prompts)]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+def test_user_file_holds_out_a_deterministic_disjoint_slice(tmp_path, suffix):
+    rows = preference_rows(40) + [
+        {"prompt": "Q0?", "chosen": " good 0", "rejected": " worse 0"},
+        {"prompt": "Q1?", "chosen": " good 1", "rejected": " good 1"},  # a tie teaches nothing: no pair
+    ]
+    path = str(write_preference_file(tmp_path / f"prefs{suffix}", rows))
+    train, test = get_dataset(path, "train"), get_dataset(path, "test")
+    assert len(test) == 2 and len(train) == 38  # 5% of 40 prompts
+    assert not set(train) & set(test) and set(train) | set(test) == {row["prompt"] for row in rows}
+    both = {**train, **test}
+    assert both["Q0?"] == {"responses": [" good 0", " bad 0", " worse 0"], "pairs": [(0, 1), (0, 2)], "sft_target": " good 0"}
+    assert both["Q1?"] == {"responses": [" good 1", " bad 1"], "pairs": [(0, 1)], "sft_target": " good 1"}
+    assert list(train) == [p for p in (row["prompt"] for row in rows[:40]) if p in train]  # file order
+    # the held-out prompts do not depend on the order of the rows
+    shuffled = tmp_path / f"shuffled{suffix}"
+    write_preference_file(shuffled, random.Random(0).sample(rows, len(rows)))
+    assert set(load_preference_file(str(shuffled), "test")) == set(test)
+
+
+def test_json_file_may_hold_json_lines(tmp_path):
+    path = tmp_path / "prefs.json"
+    path.write_text("".join(json.dumps(row) + "\n" for row in preference_rows(3)))
+    assert len(load_preference_file(str(path), "train")) + len(load_preference_file(str(path), "test")) == 3
+
+
+@pytest.mark.parametrize(("n_prompts", "n_test"), [(1, 0), (2, 1), (30, 2)])
+def test_held_out_slice_has_at_least_one_prompt_when_possible(tmp_path, n_prompts, n_test):
+    path = str(write_preference_file(tmp_path / "prefs.jsonl", preference_rows(n_prompts)))
+    assert len(load_preference_file(path, "test")) == n_test
+    assert len(load_preference_file(path, "train")) == n_prompts - n_test
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"\n', r"bad.jsonl, line 2: not valid JSON"),
+        ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n{"prompt": "a", "chosen": "b"}\n', r"bad.jsonl, line 3: field 'rejected' is missing"),
+        ('{"prompt": "a", "chosen": "", "rejected": "c"}\n', r"bad.jsonl, line 1: field 'chosen' must be a non-empty string, not ''"),
+        ('{"prompt": 3, "chosen": "b", "rejected": "c"}\n', r"bad.jsonl, line 1: field 'prompt' must be a non-empty string, not 3"),
+        ('["a", "b"]\n', r"bad.jsonl, line 1: expected a JSON object"),
+    ],
+)
+def test_malformed_rows_are_reported_with_file_and_line(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(DatasetError, match=message):
+        get_dataset(str(path), "train")
+
+
+def test_malformed_parquet_and_json_array_rows_are_reported_by_row_number(tmp_path):
+    rows = preference_rows(2) + [{"prompt": "Q?", "chosen": "x", "rejected": None}]
+    for suffix in (".parquet", ".json"):
+        path = write_preference_file(tmp_path / f"bad{suffix}", rows)
+        with pytest.raises(DatasetError, match=rf"bad\{suffix}, row 3: field 'rejected' is missing"):
+            load_preference_file(str(path), "train")
+
+
+def test_missing_file_is_reported(tmp_path):
+    with pytest.raises(DatasetError, match=r"missing.jsonl: no such file"):
+        get_dataset(str(tmp_path / "missing.jsonl"), "train")
+
+
+# ----- names and the contract ------------------------------------------------------------------
+
+
+def test_unknown_dataset_lists_the_known_ones_and_file_paths():
+    with pytest.raises(DatasetError) as error:
+        get_dataset("hhh", "train")
+    message = str(error.value)
+    assert "Unknown dataset 'hhh'. Known: hh, numbers, se, shp;" in message
+    assert ".jsonl/.json/.parquet" in message and "get_hhh(split" in message
+
+
+def test_a_get_function_added_to_the_module_is_a_dataset(monkeypatch):
+    def get_mydata(split, silent=False, cache_dir=None):
+        return {"P": {"responses": ["a", "b"], "pairs": [(1, 0)], "sft_target": "b"}}
+
+    monkeypatch.setattr(preference_datasets, "get_mydata", get_mydata, raising=False)
+    assert "mydata" in preference_datasets.available_datasets()
+    assert get_dataset("mydata", "train")["P"]["pairs"] == [(1, 0)]
+    with pytest.raises(DatasetError, match="dataset_paths.mydata is set, but get_mydata takes no source"):
+        get_dataset("mydata", "train", dataset_paths={"mydata": "/some/dir"})
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ({"responses": ["a", "b"], "pairs": [(0, 2)], "sft_target": "a"}, r"pair \(0, 2\) is not two different indices into its 2 responses"),
+        ({"responses": ["a", "b"], "pairs": [(1, 1)], "sft_target": "a"}, r"pair \(1, 1\) is not two different"),
+        ({"responses": ["a", 7], "pairs": [], "sft_target": "a"}, "responses must be a list of strings"),
+        ({"responses": ["a"], "pairs": []}, r"the entry lacks \['sft_target'\]"),
+        ({"responses": ["a"], "pairs": [], "sft_target": None}, "sft_target must be a string, not NoneType"),
+    ],
+)
+def test_contract_violations_name_dataset_prompt_and_problem(monkeypatch, entry, problem):
+    def get_broken(split, silent=False, cache_dir=None):
+        return {"x" * 200: entry}
+
+    monkeypatch.setattr(preference_datasets, "get_broken", get_broken, raising=False)
+    with pytest.raises(DatasetError, match=rf"Dataset 'broken', prompt 'x{{79}}\.\.\.: {problem}"):
+        get_dataset("broken", "train")
+
+
+def test_embedded_numbers_dataset_meets_the_contract():
+    assert len(get_dataset("numbers", "test")) > 0
+
+
+def test_truncation_mode_keeps_the_end_of_hh_dialogues_only():
+    assert truncation_mode_for("hh") == "keep_end"
+    assert {truncation_mode_for(name) for name in ("shp", "se", "numbers", "prefs.jsonl")} == {"keep_start"}
+
+
+# ----- tokenization -----------------------------------------------------------------------------
+
+
+def test_tokenize_element_appends_eos_and_masks_the_prompt(tokenizer):
+    element = tokenize_element("\n\nHuman: hi\n\nAssistant:", " hello", " go away", "keep_start", tokenizer, 512, 256)
+    prompt, chosen, rejected = ids(tokenizer, "\n\nHuman: hi\n\nAssistant:"), ids(tokenizer, " hello"), ids(tokenizer, " go away")
+    eos = tokenizer.eos_token_id
+    assert element["prompt_input_ids"] == prompt
+    assert element["chosen_input_ids"] == prompt + chosen + [eos]
+    assert element["chosen_labels"] == [-100] * len(prompt) + chosen + [eos]
+    assert element["rejected_input_ids"] == prompt + rejected + [eos]
+    assert element["rejected_labels"] == [-100] * len(prompt) + rejected + [eos]
+    assert (element["prompt"], element["chosen_text"], element["rejected_text"]) == ("\n\nHuman: hi\n\nAssistant:", " hello", " go away")
+    sft = tokenize_element("Q", " A", None, "keep_start", tokenizer, 512, 256)
+    assert "rejected_input_ids" not in sft and sft["chosen_input_ids"] == ids(tokenizer, "Q") + ids(tokenizer, " A") + [eos]
+
+
+def test_bos_is_prepended_to_prompts_only_when_the_tokenizer_adds_it(tokenizer, bos_tokenizer):
+    plain = tokenize_element("Q", " A", " B", "keep_start", tokenizer, 512, 256)
+    with_bos = tokenize_element("Q", " A", " B", "keep_start", bos_tokenizer, 512, 256)
+    bos, eos = bos_tokenizer.bos_token_id, bos_tokenizer.eos_token_id
+    assert bos not in plain["chosen_input_ids"]
+    assert with_bos["prompt_input_ids"] == [bos] + ids(bos_tokenizer, "Q")
+    assert with_bos["chosen_input_ids"] == [bos] + ids(bos_tokenizer, "Q") + ids(bos_tokenizer, " A") + [eos]
+    assert with_bos["chosen_labels"] == [-100, -100] + ids(bos_tokenizer, " A") + [eos]
+
+
+# one token per character: the prompt has 10 tokens, chosen 5 + EOS, rejected 2 + EOS
+PROMPT, CHOSEN, REJECTED = "abcdefghij", "12345", "xy"
+
+
+@pytest.mark.parametrize(
+    ("mode", "max_length", "max_prompt_length", "prompt", "chosen", "rejected_eos"),
+    [
+        ("keep_start", 16, 4, "abcdefghij", "12345", True),  # fits: nothing truncated, even beyond max_prompt_length
+        ("keep_start", 12, 4, "abcd", "12345", True),  # prompt truncated to its first 4 tokens
+        ("keep_end", 12, 4, "ghij", "12345", True),  # ... or its last 4
+        ("keep_start", 8, 4, "abcd", "1234", True),  # then responses cut to 8 - 4 tokens (chosen loses EOS)
+        ("keep_end", 6, 4, "ghij", "12", False),  # responses cut to 2 tokens
+    ],
+)
+def test_truncation_shortens_the_prompt_first_then_the_responses(tokenizer, mode, max_length, max_prompt_length, prompt, chosen, rejected_eos):
+    element = tokenize_element(PROMPT, CHOSEN, REJECTED, mode, tokenizer, max_length, max_prompt_length)
+    eos = tokenizer.eos_token_id
+    chosen_ids = ids(tokenizer, chosen) + ([eos] if chosen == CHOSEN else [])
+    rejected_ids = ids(tokenizer, REJECTED) + [eos] if rejected_eos else ids(tokenizer, REJECTED)
+    assert len(ids(tokenizer, PROMPT)) == 10 and len(ids(tokenizer, CHOSEN)) == 5
+    assert element["prompt_input_ids"] == ids(tokenizer, prompt)
+    assert element["chosen_input_ids"] == ids(tokenizer, prompt) + chosen_ids
+    assert element["rejected_input_ids"] == ids(tokenizer, prompt) + rejected_ids
+    assert element["chosen_labels"] == [-100] * len(prompt) + chosen_ids
+    assert max(len(element["chosen_input_ids"]), len(element["rejected_input_ids"])) <= max_length
+
+
+def test_responses_get_all_the_room_a_short_prompt_leaves(tokenizer):
+    # the prompt (3 tokens) is already within max_prompt_length, so responses get 6 - 3 tokens
+    element = tokenize_element("abc", CHOSEN, REJECTED, "keep_start", tokenizer, 6, 4)
+    assert element["chosen_input_ids"] == ids(tokenizer, "abc123")
+    assert element["rejected_input_ids"] == ids(tokenizer, "abcxy") + [tokenizer.eos_token_id]
+
+
+def test_keep_end_truncation_keeps_bos_in_front(bos_tokenizer):
+    element = tokenize_element(PROMPT, CHOSEN, REJECTED, "keep_end", bos_tokenizer, 12, 4)
+    assert element["prompt_input_ids"] == [bos_tokenizer.bos_token_id] + ids(bos_tokenizer, "hij")
+    start = tokenize_element(PROMPT, CHOSEN, REJECTED, "keep_start", bos_tokenizer, 12, 4)
+    assert start["prompt_input_ids"] == [bos_tokenizer.bos_token_id] + ids(bos_tokenizer, "abc")
+
+
+def test_tokenizer_without_eos_is_rejected():
+    tokenizer = byte_tokenizer()
+    tokenizer.eos_token = None
+    with pytest.raises(DatasetError, match="has no EOS token"):
+        tokenize_element("Q", " A", " B", "keep_start", tokenizer, 64, 32)
+
+
+def test_tokenize_datasets_makes_one_example_per_pair_or_per_prompt(tmp_path, tokenizer):
+    rows = [
+        {"prompt": "Q1?", "chosen": " yes", "rejected": " no"},
+        {"prompt": "Q1?", "chosen": " yes", "rejected": " maybe"},
+        {"prompt": "Q2?", "chosen": " same start, then A", "rejected": " same start, then B"},
+        {"prompt": "Q3?", "chosen": " sure", "rejected": " nope"},
+    ]
+    path = str(write_preference_file(tmp_path / "prefs.jsonl", rows))
+    split = "train" if "Q2?" in load_preference_file(path, "train") else "test"
+    data = load_preference_file(path, split)
+    pairs, n_dropped = tokenize_datasets([path], split, tokenizer, max_length=12, max_prompt_length=4, sft_mode=False)
+    # Q2's responses only differ after the 8 tokens that fit: nothing to train on, dropped
+    assert n_dropped == 1
+    expected = [(r["prompt"], r["chosen"], r["rejected"]) for r in rows if r["prompt"] in data and r["prompt"] != "Q2?"]
+    assert [(e["prompt"], e["chosen_text"], e["rejected_text"]) for e in pairs] == expected
+    # batched tokenization gives exactly what the per-element rules give
+    assert pairs == [tokenize_element(*triple, "keep_start", tokenizer, 12, 4) for triple in expected]
+
+    sft, n_dropped = tokenize_datasets([path], split, tokenizer, max_length=12, max_prompt_length=4, sft_mode=True)
+    assert n_dropped == 0
+    assert [(e["prompt"], e["chosen_text"]) for e in sft] == [(p, entry["sft_target"]) for p, entry in data.items()]
+    assert all("rejected_input_ids" not in e for e in sft)
+
+
+def test_tokenize_datasets_keeps_the_end_of_long_hh_prompts(tmp_path, tokenizer):
+    hh_dir = write_hh(tmp_path / "hh-rlhf")
+    examples, _ = tokenize_datasets(
+        ["hh"], "train", tokenizer, max_length=24, max_prompt_length=16, sft_mode=False,
+        cache_dir=str(tmp_path / "cache"), dataset_paths={"hh": str(hh_dir)}, silent=True,
+    )
+    assert len(examples) == 3
+    assert examples[0]["prompt"] == SHARED
+    assert examples[0]["prompt_input_ids"] == ids(tokenizer, SHARED)[-16:]
+
+
+# ----- batching --------------------------------------------------------------------------------
+
+EXAMPLES = [{"id": i} for i in range(10)]
+
+
+def batch_ids(batches) -> list[list[int]]:
+    return [[e["id"] for e in batch] for batch in batches]
+
+
+def test_batches_without_shuffle_keep_order_and_drop_last_is_explicit():
+    assert batch_ids(iterate_batches(EXAMPLES, 4, shuffle=False, seed=0, drop_last=True)) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert batch_ids(iterate_batches(EXAMPLES, 4, shuffle=False, seed=0, n_epochs=1, drop_last=False)) == [
+        [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]
+    ]
+
+
+def test_shuffle_order_is_fixed_by_the_seed_and_changes_every_epoch():
+    def order(seed):
+        return batch_ids(iterate_batches(EXAMPLES, 5, shuffle=True, seed=seed, n_epochs=2))
+
+    assert order(3) == order(3)
+    assert order(3) != order(4)
+    epochs = [list(range(10)), list(range(10))]
+    random.Random(3).shuffle(epochs[0])
+    random.Random(4).shuffle(epochs[1])
+    assert order(3) == [epochs[0][:5], epochs[0][5:], epochs[1][:5], epochs[1][5:]]
+
+
+def test_n_examples_stops_training_across_epochs_with_full_batches():
+    batches = batch_ids(iterate_batches(EXAMPLES, 4, shuffle=False, seed=0, n_examples=14))
+    # each epoch drops its partial batch [8, 9]; the 2 examples beyond 12 do not fill a batch
+    assert batches == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3]]
+    assert batch_ids(iterate_batches(EXAMPLES, 4, shuffle=False, seed=0, n_examples=6, drop_last=False)) == [[0, 1, 2, 3], [4, 5]]
+    # whichever of n_epochs and n_examples comes first
+    assert len(list(iterate_batches(EXAMPLES, 2, shuffle=True, seed=0, n_epochs=1, n_examples=100))) == 5
+    assert len(list(iterate_batches(EXAMPLES, 2, shuffle=True, seed=0, n_epochs=3, n_examples=8))) == 4
+
+
+def test_fewer_examples_than_one_batch_is_an_error():
+    with pytest.raises(DatasetError, match="Only 3 examples, fewer than batch_size=4"):
+        list(iterate_batches(EXAMPLES[:3], 4, shuffle=True, seed=0))
+    assert batch_ids(iterate_batches(EXAMPLES[:3], 4, shuffle=False, seed=0, n_epochs=1, drop_last=False)) == [[0, 1, 2]]
+
+
+# ----- padding ----------------------------------------------------------------------------------
+
+
+def pair(prompt, chosen, rejected):
+    return {
+        "prompt_input_ids": prompt,
+        "chosen_input_ids": prompt + chosen,
+        "chosen_labels": [-100] * len(prompt) + chosen,
+        "rejected_input_ids": prompt + rejected,
+        "rejected_labels": [-100] * len(prompt) + rejected,
+    }
+
+
+def test_collate_right_pads_chosen_and_rejected_to_one_length():
+    batch = collate([pair([5, 6], [7], [8, 9, 10]), pair([11], [12, 13], [14])], pad_token_id=0)
+    assert batch["chosen_input_ids"].tolist() == [[5, 6, 7, 0, 0], [11, 12, 13, 0, 0]]
+    assert batch["chosen_attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
+    assert batch["chosen_labels"].tolist() == [[-100, -100, 7, -100, -100], [-100, 12, 13, -100, -100]]
+    assert batch["rejected_input_ids"].tolist() == [[5, 6, 8, 9, 10], [11, 14, 0, 0, 0]]
+    assert batch["rejected_attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert batch["rejected_labels"].tolist() == [[-100, -100, 8, 9, 10], [-100, 14, -100, -100, -100]]
+    assert all(t.dtype == torch.long for t in batch.values())
+    assert torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]).shape == (4, 5)
+
+
+def test_collate_of_sft_examples_has_only_chosen_tensors():
+    example = pair([1], [2], [3])
+    del example["rejected_input_ids"], example["rejected_labels"]
+    assert set(collate([example], pad_token_id=0)) == {"chosen_input_ids", "chosen_attention_mask", "chosen_labels"}
+
+
+def test_collate_prompts_left_pads_for_generation():
+    batch = collate_prompts([pair([5, 6, 7], [1], [2]), pair([8], [1], [2])], pad_token_id=0)
+    assert batch["prompt_input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch["prompt_attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
