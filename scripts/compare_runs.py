@@ -13,6 +13,7 @@ Both models are loaded from their LATEST checkpoints with plain transformers. Co
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ def last_eval(run_dir: Path) -> dict:
 
 
 @torch.no_grad()
-def preference_accuracy(model, examples: list[dict], pad_token_id: int) -> float:
+def preference_accuracy(model, examples: Sequence[dict], pad_token_id: int) -> float:
     wins = 0
     for start in range(0, len(examples), BATCH_SIZE):
         batch = collate(examples[start:start + BATCH_SIZE], pad_token_id)
@@ -48,7 +49,7 @@ def preference_accuracy(model, examples: list[dict], pad_token_id: int) -> float
 
 
 @torch.no_grad()
-def answers_correct(model, tokenizer, examples: list[dict]) -> float:
+def answers_correct(model, tokenizer, examples: Sequence[dict]) -> float:
     prompts = list({e["prompt"]: e for e in examples}.values())
     correct = 0
     for start in range(0, len(prompts), BATCH_SIZE):

@@ -32,6 +32,7 @@ from dataset_fixtures import (
 )
 from preference_datasets import (
     DatasetError,
+    TokenizedExamples,
     collate,
     collate_prompts,
     get_dataset,
@@ -374,7 +375,8 @@ def test_tokenize_element_appends_eos_and_masks_the_prompt(tokenizer):
     assert element["chosen_labels"] == [-100] * len(prompt) + chosen + [eos]
     assert element["rejected_input_ids"] == prompt + rejected + [eos]
     assert element["rejected_labels"] == [-100] * len(prompt) + rejected + [eos]
-    assert (element["prompt"], element["chosen_text"], element["rejected_text"]) == ("\n\nHuman: hi\n\nAssistant:", " hello", " go away")
+    assert element["prompt"] == "\n\nHuman: hi\n\nAssistant:"
+    assert set(element) == {"prompt", "prompt_input_ids", "chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}
     sft = tokenize_element("Q", " A", None, "keep_start", tokenizer, 512, 256)
     assert "rejected_input_ids" not in sft and sft["chosen_input_ids"] == ids(tokenizer, "Q") + ids(tokenizer, " A") + [eos]
 
@@ -451,13 +453,15 @@ def test_tokenize_datasets_makes_one_example_per_pair_or_per_prompt(tmp_path, to
     # Q2's responses only differ after the 8 tokens that fit: nothing to train on, dropped
     assert n_dropped == 1
     expected = [(r["prompt"], r["chosen"], r["rejected"]) for r in rows if r["prompt"] in data and r["prompt"] != "Q2?"]
-    assert [(e["prompt"], e["chosen_text"], e["rejected_text"]) for e in pairs] == expected
-    # batched tokenization gives exactly what the per-element rules give
-    assert pairs == [tokenize_element(*triple, "keep_start", tokenizer, 12, 4) for triple in expected]
+    # batched tokenization of the whole file gives exactly what the per-element rules give
+    assert list(pairs) == [{**tokenize_element(*triple, "keep_start", tokenizer, 12, 4), "index": i} for i, triple in enumerate(expected)]
 
     sft, n_dropped = tokenize_datasets([path], split, tokenizer, max_length=12, max_prompt_length=4, sft_mode=True)
     assert n_dropped == 0
-    assert [(e["prompt"], e["chosen_text"]) for e in sft] == [(p, entry["sft_target"]) for p, entry in data.items()]
+    assert list(sft) == [
+        {**tokenize_element(prompt, entry["sft_target"], None, "keep_start", tokenizer, 12, 4), "index": i}
+        for i, (prompt, entry) in enumerate(data.items())
+    ]
     assert all("rejected_input_ids" not in e for e in sft)
 
 
@@ -470,6 +474,215 @@ def test_tokenize_datasets_keeps_the_end_of_long_hh_prompts(tmp_path, tokenizer)
     assert len(examples) == 3
     assert examples[0]["prompt"] == SHARED
     assert examples[0]["prompt_input_ids"] == ids(tokenizer, SHARED)[-16:]
+
+
+# ----- TokenizedExamples --------------------------------------------------------------------
+
+
+def tokenized_file(tmp_path, tokenizer, rows: list[dict], sft_mode: bool = False) -> TokenizedExamples:
+    """The train split (95% of the prompts) of a user file of these rows."""
+    path = tmp_path / "prefs.jsonl"
+    if not path.exists():
+        write_preference_file(path, rows)
+    examples, _ = tokenize_datasets([str(path)], "train", tokenizer, 32, 8, sft_mode=sft_mode, silent=True)
+    return examples
+
+
+def test_select_slices_and_index_address_examples_by_position(tmp_path, tokenizer):
+    examples = tokenized_file(tmp_path, tokenizer, preference_rows(8))
+    n = len(examples)
+    assert [e["index"] for e in examples] == list(range(n)) and n >= 5
+    chosen = examples.select([3, 0, 3])
+    assert len(chosen) == 3 and [e["index"] for e in chosen] == [0, 1, 2]
+    assert chosen[0] == {**examples[3], "index": 0} and chosen[1] == {**examples[0], "index": 1}
+    assert chosen.select([1])[0] == {**examples[0], "index": 0}  # a selection of a selection
+    assert examples[-1] == {**examples[n - 1], "index": n - 1}
+    window = examples[1:4]
+    assert isinstance(window, TokenizedExamples) and list(window) == list(examples.select([1, 2, 3]))
+    assert all(torch.equal(t, collate(list(window), 0)[k]) for k, t in collate(window, pad_token_id=0).items())
+    with pytest.raises(IndexError):
+        examples[n]
+    with pytest.raises(IndexError, match="select: positions must lie in"):
+        examples.select([0, n])
+
+
+def test_fingerprint_names_the_content_whichever_way_it_was_selected(tmp_path, tokenizer):
+    examples = tokenized_file(tmp_path, tokenizer, preference_rows(8))
+    n = len(examples)
+    assert len(examples.fingerprint) == 64 and int(examples.fingerprint, 16) >= 0
+    assert examples.select(range(n)).fingerprint == examples[:].fingerprint == examples.fingerprint
+    reordered = examples.select([2, 0])
+    assert reordered.fingerprint not in (examples.fingerprint, examples.select([0, 2]).fingerprint)
+    assert reordered.fingerprint == examples.select([1, 2, 0]).select([1, 2]).fingerprint
+    assert tokenized_file(tmp_path, tokenizer, preference_rows(8)).fingerprint == examples.fingerprint  # the same file again
+
+
+def test_lengths_are_the_sequence_lengths_without_building_examples(tmp_path, tokenizer):
+    rows = preference_rows(8) + [{"prompt": "Q1?", "chosen": " good 1 " + "x" * 40, "rejected": " bad"}]  # truncated to 32
+    examples = tokenized_file(tmp_path, tokenizer, rows)
+    chosen_lengths, rejected_lengths = examples.lengths
+    assert chosen_lengths.tolist() == [len(e["chosen_input_ids"]) for e in examples]
+    assert rejected_lengths.tolist() == [len(e["rejected_input_ids"]) for e in examples]
+    assert chosen_lengths.max() == 32
+    selection = examples.select([2, 1])
+    assert selection.lengths[0].tolist() == [len(examples[2]["chosen_input_ids"]), len(examples[1]["chosen_input_ids"])]
+    sft = tokenized_file(tmp_path, tokenizer, rows, sft_mode=True)  # the same file
+    assert not sft.has_rejected and sft.lengths[1].tolist() == [0] * len(sft)
+    assert sft.lengths[0].tolist() == [len(e["chosen_input_ids"]) for e in sft]
+
+
+# ----- the tokenized cache ----------------------------------------------------------------------
+
+
+def cache_rows() -> list[dict]:
+    # Q2's responses differ in their 12th token: a pair cut to 9 identical tokens at max_length=12, whole at 16
+    return preference_rows(6) + [{"prompt": "Q2?", "chosen": " same stub A", "rejected": " same stub B"}]
+
+
+def tokenize_with_cache(tmp_path, names, tokenizer, tokenized_cache_dir, max_length=12, sft_mode=False, silent=True):
+    return tokenize_datasets(
+        names, "train", tokenizer, max_length=max_length, max_prompt_length=4, sft_mode=sft_mode,
+        cache_dir=str(tmp_path / "datasets-cache"), dataset_paths={"hh": str(tmp_path / "hh-rlhf")}, silent=silent,
+        tokenized_cache_dir=tokenized_cache_dir,
+    )
+
+
+@pytest.mark.parametrize("sft_mode", [False, True])
+def test_cache_hit_gives_the_same_examples_without_loading_the_data(tmp_path, tokenizer, monkeypatch, capsys, sft_mode):
+    write_hh(tmp_path / "hh-rlhf")
+    names = ["hh", str(write_preference_file(tmp_path / "prefs.jsonl", cache_rows()))]
+    cache = str(tmp_path / "tokenized")
+    fresh, fresh_dropped = tokenize_with_cache(tmp_path, names, tokenizer, None, sft_mode=sft_mode)
+    first, first_dropped = tokenize_with_cache(tmp_path, names, tokenizer, cache, sft_mode=sft_mode)
+    entries = sorted((tmp_path / "tokenized").iterdir())
+    mode = "sft" if sft_mode else "pairs"
+    assert [path.name.split("-")[:3] for path in entries] == [["hh", "train", mode], ["prefs.jsonl", "train", mode]]
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a cache hit must not load the raw data")
+
+    monkeypatch.setattr(preference_datasets, "get_dataset", no_loading)
+    capsys.readouterr()
+    second, second_dropped = tokenize_with_cache(tmp_path, names, tokenizer, cache, sft_mode=sft_mode, silent=False)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [f"tokenized {name} train: loaded from cache {path}" for name, path in zip(names, entries)]
+    # the datasets concatenated in the order given, every key of every example the same
+    assert list(second) == list(first) == list(fresh)
+    assert fresh[0]["prompt"] == SHARED and fresh[-1]["prompt"].startswith("Q")
+    assert second_dropped == first_dropped == fresh_dropped == (0 if sft_mode else 1)
+    assert second.fingerprint == first.fingerprint == fresh.fingerprint
+
+
+def test_another_max_length_reuses_the_cached_tokens(tmp_path, tokenizer, monkeypatch):
+    write_hh(tmp_path / "hh-rlhf")
+    names = ["hh", str(write_preference_file(tmp_path / "prefs.jsonl", cache_rows()))]
+    cache = str(tmp_path / "tokenized")
+    short, n_dropped_short = tokenize_with_cache(tmp_path, names, tokenizer, cache, max_length=12)
+    fresh, n_dropped_fresh = tokenize_with_cache(tmp_path, names, tokenizer, None, max_length=16)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the cached tokens serve every max_length")
+
+    monkeypatch.setattr(preference_datasets, "get_dataset", no_loading)
+    longer, n_dropped = tokenize_with_cache(tmp_path, names, tokenizer, cache, max_length=16)
+    assert list(longer) == list(fresh) != list(short) and n_dropped == n_dropped_fresh == 0 != n_dropped_short
+    assert longer.fingerprint == fresh.fingerprint != short.fingerprint
+    assert len(list((tmp_path / "tokenized").iterdir())) == 2
+
+
+def test_another_tokenizer_or_changed_data_give_a_new_key_and_fresh_examples(tmp_path, tokenizer):
+    path = write_preference_file(tmp_path / "prefs.jsonl", cache_rows())
+    write_hh(tmp_path / "hh-rlhf")
+    names, cache = ["hh", str(path)], str(tmp_path / "tokenized")
+    first, _ = tokenize_with_cache(tmp_path, names, tokenizer, cache)
+
+    def changed(n_entries: int, with_tokenizer=tokenizer) -> TokenizedExamples:
+        examples, _ = tokenize_with_cache(tmp_path, names, with_tokenizer, cache)
+        fresh, _ = tokenize_with_cache(tmp_path, names, with_tokenizer, None)
+        assert examples.fingerprint != first.fingerprint and list(examples) == list(fresh) != list(first)
+        assert len(list((tmp_path / "tokenized").iterdir())) == n_entries  # a new entry per changed dataset
+        return examples
+
+    bos_tokenizer = byte_tokenizer(adds_bos=True)
+    assert changed(4, with_tokenizer=bos_tokenizer)[0]["prompt_input_ids"][0] == bos_tokenizer.bos_token_id
+    # an edit that keeps the file's size is caught by its modification time
+    path.write_text(path.read_text().replace("good", "fine"))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    from_file = [e for e in changed(5) if not e["prompt"].startswith("\n\n")]
+    assert from_file and all(" fine " in tokenizer.decode(e["chosen_input_ids"]) for e in from_file)
+    # new contents of the local copy of the Hub repository
+    write_hh_repo(tmp_path / "hh-rlhf", {("harmless-base", "train"): [hh_row(ALONE, " Boil it.", " Fry it.")]})
+    assert [e["prompt"] for e in changed(6) if e["prompt"].startswith("\n\n")] == [ALONE]
+
+
+def test_a_python_tokenizer_is_keyed_by_its_saved_files(tmp_path):
+    from transformers import ByT5Tokenizer
+
+    path = str(write_preference_file(tmp_path / "prefs.jsonl", cache_rows()))
+    cache = str(tmp_path / "tokenized")
+    first, _ = tokenize_with_cache(tmp_path, [path], ByT5Tokenizer(), cache)
+    second, _ = tokenize_with_cache(tmp_path, [path], ByT5Tokenizer(), cache)
+    other, _ = tokenize_with_cache(tmp_path, [path], ByT5Tokenizer(extra_ids=10), cache)
+    assert first.fingerprint == second.fingerprint != other.fingerprint
+    assert len(list((tmp_path / "tokenized").iterdir())) == 2
+
+
+def corrupt_by_truncating(path):
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def corrupt_spans(path):
+    with np.load(path) as stored:
+        arrays = dict(stored)
+    np.savez(path, **{**arrays, "response_token_spans": arrays["response_token_spans"] + 1000})
+
+
+def corrupt_key(path):  # e.g. an entry copied over another
+    with np.load(path) as stored:
+        arrays = dict(stored)
+    np.savez(path, **{**arrays, "key": np.frombuffer(b"0" * 64, dtype=np.uint8)})
+
+
+def corrupt_by_overwriting(path):
+    path.write_bytes(b"not a zip")
+
+
+@pytest.mark.parametrize("corrupt", [corrupt_by_truncating, corrupt_by_overwriting, corrupt_spans, corrupt_key])
+def test_an_unreadable_cache_entry_is_rebuilt(tmp_path, tokenizer, capsys, corrupt):
+    names = [str(write_preference_file(tmp_path / "prefs.jsonl", cache_rows()))]
+    cache = str(tmp_path / "tokenized")
+    first, _ = tokenize_with_cache(tmp_path, names, tokenizer, cache)
+    [entry] = (tmp_path / "tokenized").iterdir()
+    corrupt(entry)
+    capsys.readouterr()
+    rebuilt, n_dropped = tokenize_with_cache(tmp_path, names, tokenizer, cache, silent=False)
+    assert f"the cache entry {entry} is unreadable" in capsys.readouterr().out
+    assert list(rebuilt) == list(first) and n_dropped == 1
+    tokenize_with_cache(tmp_path, names, tokenizer, cache, silent=False)
+    assert capsys.readouterr().out.startswith(f"tokenized {names[0]} train: loaded from cache {entry}")
+
+
+def test_an_interrupted_write_leaves_no_entry_and_a_failed_one_only_a_note(tmp_path, tokenizer, monkeypatch, capsys):
+    names = [str(write_preference_file(tmp_path / "prefs.jsonl", cache_rows()))]
+    cache = tmp_path / "tokenized"
+
+    def write_half_then(error):
+        def savez(file, **arrays):
+            file.write(b"PK\x03\x04 half an entry")
+            raise error
+
+        return savez
+
+    monkeypatch.setattr(np, "savez", write_half_then(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_with_cache(tmp_path, names, tokenizer, str(cache))
+    assert list(cache.iterdir()) == []
+    monkeypatch.setattr(np, "savez", write_half_then(OSError(28, "No space left on device")))
+    examples, _ = tokenize_with_cache(tmp_path, names, tokenizer, str(cache), silent=False)
+    assert "could not cache the tokens at" in capsys.readouterr().out and list(cache.iterdir()) == []
+    monkeypatch.undo()
+    assert list(tokenize_with_cache(tmp_path, names, tokenizer, str(cache))[0]) == list(examples)
+    assert len(list(cache.iterdir())) == 1
 
 
 # ----- batching --------------------------------------------------------------------------------
