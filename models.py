@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 import embedded
@@ -129,6 +129,34 @@ def load_model(
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _file_stats(path: Path) -> list[tuple[str, int, int]]:
+    """(name, size, modification time) of a weights file, or of every weights file in a folder."""
+    files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_FILE_SUFFIXES) if path.is_dir() else [path]
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
+def weights_fingerprint(model_config: DictConfig, seed: int) -> dict:
+    """What identifies the weights load_model would produce, without loading them.
+
+    Local files are identified by name, size and modification time (reading gigabytes to
+    hash them would cost what caching saves); a Hub model by its id (pin a revision by
+    downloading it, then pass the folder); a model built from scratch by its shape and seed.
+    """
+    fingerprint: dict = {"name_or_path": model_config.name_or_path}
+    if model_config.from_scratch is not None:
+        fingerprint["from_scratch"] = OmegaConf.to_container(model_config.from_scratch)
+        fingerprint["seed"] = seed
+    elif Path(model_config.name_or_path).exists():
+        fingerprint["files"] = _file_stats(Path(model_config.name_or_path))
+    if model_config.archive:
+        archive = Path(model_config.archive).resolve()
+        fingerprint["archive"] = [str(archive), _file_stats(archive)]
+    return fingerprint
 
 
 def block_class_name(model: PreTrainedModel, configured: str | None) -> str:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import trainers
 from models import ModelLoadError, load_model, load_tokenizer
-from preference_datasets import DatasetError, tokenize_datasets
+from preference_datasets import DatasetError, TokenizedExamples, tokenize_datasets
 from utils import (
     ConfigError,
     make_run_dir,
@@ -36,7 +36,7 @@ from utils import (
 USER_ERRORS = (ConfigError, DatasetError, ModelLoadError)
 
 
-def load_examples(config: DictConfig, tokenizer, is_main: bool) -> tuple[list[dict], list[dict]]:
+def load_examples(config: DictConfig, tokenizer, is_main: bool) -> tuple[TokenizedExamples, TokenizedExamples]:
     """Tokenized train and eval examples; eval is a fixed random subset of n_eval_examples."""
     splits = {}
     for split in ("train", "test"):
@@ -49,17 +49,31 @@ def load_examples(config: DictConfig, tokenizer, is_main: bool) -> tuple[list[di
             sft_mode=config.loss.name == "sft",
             dataset_paths=config.dataset_paths,
             silent=not is_main,
+            tokenized_cache_dir=None if config.cache_dir is None else str(Path(config.cache_dir) / "tokenized"),
         )
         if is_main:
             print(f"{split}: {len(examples)} examples; dropped {n_dropped} pairs with nothing to train on", flush=True)
-        if not examples:
+        if not len(examples):
             raise DatasetError(f"The {split} split of datasets={list(config.datasets)} holds no usable examples.")
         splits[split] = examples
-    eval_examples = splits["test"]
-    random.Random(0).shuffle(eval_examples)  # fixed, so every run evaluates on the same subset
+    order = list(range(len(splits["test"])))
+    random.Random(0).shuffle(order)  # fixed, so every run evaluates on the same subset
     if config.n_eval_examples is not None:
-        eval_examples = eval_examples[: config.n_eval_examples]
-    return splits["train"], eval_examples
+        order = order[: config.n_eval_examples]
+    return splits["train"], splits["test"].select(order)
+
+
+def needs_reference_model(config: DictConfig, train_examples, eval_examples) -> bool:
+    """Whether to load the reference model: the loss uses one and its log-probs are not all cached."""
+    if not uses_reference_model(config.loss):
+        return False
+    if not config.precompute_ref_logps:
+        return True
+    paths = [
+        trainers.reference_logps_cache_file(config, trainers.reference_logps_examples(config, examples, split)[1])
+        for split, examples in (("train", train_examples), ("eval", eval_examples))
+    ]
+    return not all(path is not None and path.is_file() for path in paths)
 
 
 def train_worker(rank: int, world_size: int, config: DictConfig, run_dir: Path | None) -> None:
@@ -86,7 +100,7 @@ def train_worker(rank: int, world_size: int, config: DictConfig, run_dir: Path |
         train_examples, eval_examples = load_examples(config, tokenizer, is_main)
         policy = load_model(config.model, config.model.policy_dtype, tokenizer, config.max_length, config.seed)
         reference_model = None
-        if uses_reference_model(config.loss):
+        if needs_reference_model(config, train_examples, eval_examples):
             reference_model = load_model(config.model, config.model.reference_dtype, tokenizer, config.max_length, config.seed)
         if is_main:
             n_params = sum(p.numel() for p in policy.parameters())

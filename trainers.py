@@ -5,27 +5,32 @@ TensorParallelTrainer override only what differs: wrapping the models, which ran
 which data, gradient synchronisation, generation and saving.
 """
 
+import hashlib
 import json
+import os
 import random
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+import torch.nn.functional as F
 import tqdm
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from losses import IGNORE_INDEX, preference_loss, sequence_logps
-from models import ModelLoadError, block_class_name, write_checkpoint
-from preference_datasets import collate, collate_prompts, iterate_batches
+from losses import IGNORE_INDEX, labelled_tokens, preference_loss, sequence_logps, sequence_logps_from_hidden
+from models import ModelLoadError, block_class_name, weights_fingerprint, write_checkpoint
+from preference_datasets import collate_prompts, iterate_batches
 from utils import DTYPES, MetricSums, uses_reference_model
 
 __all__ = ["BasicTrainer", "FSDPTrainer", "TensorParallelTrainer", "preference_loss"]
@@ -54,6 +59,119 @@ def split_evenly(items: list, parts: int) -> list[list]:
     return chunks
 
 
+def take_first(examples: Sequence[dict], n: int) -> Sequence[dict]:
+    """The first n examples, keeping the examples' own type (a list, or tokenized examples with select)."""
+    return examples.select(range(n)) if hasattr(examples, "select") else examples[:n]
+
+
+def training_order(config: DictConfig, n_train: int) -> Iterator[list[int]]:
+    """Positions of the training examples in each global batch, in training order (fixed by seed)."""
+    return iterate_batches(
+        list(range(n_train)),
+        batch_size=config.batch_size,
+        shuffle=True,
+        seed=config.seed,
+        n_epochs=config.n_epochs,
+        n_examples=config.n_examples,
+        drop_last=True,
+    )
+
+
+def reference_logps_examples(config: DictConfig, examples: Sequence[dict], split: str) -> tuple[list[int], Sequence[dict]]:
+    """The positions, and the examples, whose reference log-probs a run needs.
+
+    All of the eval set; of the train set only what the run trains on, so that a short run
+    (n_examples) over a large dataset does not score all of it first.
+    """
+    if split == "eval":
+        positions = list(range(len(examples)))
+    else:
+        positions = sorted({i for batch in training_order(config, len(examples)) for i in batch})
+    return positions, examples.select(positions)
+
+
+def reference_logps_cache_file(config: DictConfig, examples: Sequence[dict]) -> Path | None:
+    """Where precomputed reference log-probs of these examples are cached; None without cache_dir.
+
+    The key covers everything the values depend on: the reference weights (see
+    models.weights_fingerprint), their dtype and compute precision, the tokenized examples,
+    and whether IPO's length averaging applies.
+    """
+    if config.cache_dir is None:
+        return None
+    key = {
+        "format": 1,
+        "weights": weights_fingerprint(config.model, config.seed),
+        "reference_dtype": config.model.reference_dtype,
+        "autocast_dtype": config.autocast_dtype,
+        "fsdp_policy_mp": config.model.fsdp_policy_mp if config.trainer == "FSDPTrainer" else None,
+        "average": config.loss.name == "ipo" and config.loss.average_log_prob,
+        "examples": examples.fingerprint,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    return Path(config.cache_dir) / "reference_logps" / f"{digest}.safetensors"
+
+
+def padded_batch(input_ids: list[list[int]], labels: list[list[int]], pad_token_id: int) -> Batch:
+    """One sequence per row, right-padded to the longest: input_ids, attention_mask, labels, each (n, longest)."""
+    length = max(len(ids) for ids in input_ids)
+    batch = {
+        "input_ids": torch.full((len(input_ids), length), pad_token_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(input_ids), length), dtype=torch.long),
+        "labels": torch.full((len(input_ids), length), IGNORE_INDEX, dtype=torch.long),
+    }
+    for row, (ids, row_labels) in enumerate(zip(input_ids, labels)):
+        batch["input_ids"][row, : len(ids)] = torch.tensor(ids)
+        batch["attention_mask"][row, : len(ids)] = 1
+        batch["labels"][row, : len(ids)] = torch.tensor(row_labels)
+    return batch
+
+
+def packed_batch(input_ids: list[list[int]], labels: list[list[int]], pad_token_id: int, row_tokens: int) -> Batch:
+    """Several sequences per row, so that almost no position is padding (padding-free batches).
+
+    Sequences are placed first-fit, longest first, into rows of `row_tokens` tokens (or the
+    longest sequence, if longer). Each sequence's position ids restart at 0; with no attention
+    mask, transformers reads those restarts as sequence boundaries and keeps attention inside
+    each sequence (a block-diagonal causal mask for sdpa/eager, varlen kernels for flash
+    attention). The first label of every sequence is IGNORE_INDEX, so no token is ever
+    predicted from the sequence before it: the log-probs equal the padded path's exactly.
+
+    Returns input_ids, position_ids, labels and sequence_ids (index into the arguments,
+    -1 on padding), each (rows, longest row).
+    """
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i])):
+        length = len(input_ids[index])
+        row = next((r for r, free in enumerate(room) if length <= free), None)
+        if row is None:
+            rows.append([])
+            room.append(max(row_tokens, length))
+            row = len(rows) - 1
+        rows[row].append(index)
+        room[row] -= length
+    width = max(sum(len(input_ids[i]) for i in row) for row in rows)
+    batch = {
+        "input_ids": torch.full((len(rows), width), pad_token_id, dtype=torch.long),
+        "position_ids": torch.zeros((len(rows), width), dtype=torch.long),
+        "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
+        "sequence_ids": torch.full((len(rows), width), -1, dtype=torch.long),
+    }
+    for row, members in enumerate(rows):
+        start = 0
+        for index in members:
+            end = start + len(input_ids[index])
+            batch["input_ids"][row, start:end] = torch.tensor(input_ids[index])
+            batch["position_ids"][row, start:end] = torch.arange(end - start)
+            batch["labels"][row, start + 1:end] = torch.tensor(labels[index][1:])
+            batch["sequence_ids"][row, start:end] = index
+            start = end
+        # the padding tail is a sequence of its own (positions from 0) that nothing attends to
+        batch["position_ids"][row, start:] = torch.arange(width - start)
+    return batch
+
+
 class BasicTrainer:
     """Trains the policy on one device (a GPU when there is one, else the CPU)."""
 
@@ -63,8 +181,8 @@ class BasicTrainer:
         policy: PreTrainedModel,
         reference_model: PreTrainedModel | None,
         tokenizer,
-        train_examples: list[dict],
-        eval_examples: list[dict],
+        train_examples: Sequence[dict],
+        eval_examples: Sequence[dict],
         run_dir: Path,
         device: torch.device,
         rank: int = 0,
@@ -79,19 +197,28 @@ class BasicTrainer:
         self.world_size = world_size
         self.is_main = rank == 0
         self.uses_reference = uses_reference_model(config.loss)
-        if self.uses_reference != (reference_model is not None):
-            raise ValueError("A reference model is needed exactly when the loss uses one.")
+        if reference_model is not None and not self.uses_reference:
+            raise ValueError("A reference model was given, but the loss uses none (loss=sft or loss.reference_free=true).")
 
+        self.train_examples = train_examples
+        # every data-parallel rank gets the same share of every eval batch
+        self.eval_examples = take_first(eval_examples, len(eval_examples) - len(eval_examples) % self.data_world_size)
         self.policy = self.wrap_policy(policy)
         self.reference_model = self.wrap_reference(reference_model) if reference_model is not None else None
+        self.chunked_logps = config.logps_chunk_tokens is not None and self.logits_are_projected_hidden_states()
+        self.reference_logps: dict[str, torch.Tensor] | None = None
+        if self.uses_reference and config.precompute_ref_logps:
+            self.reference_logps = {
+                "train": self.load_or_compute_reference_logps(self.train_examples, "train"),
+                "eval": self.load_or_compute_reference_logps(self.eval_examples, "eval"),
+            }
+            self.reference_model = None  # its work is done: free its memory before training
+        elif self.uses_reference and self.reference_model is None:
+            raise ValueError(f"loss={config.loss.name} needs a reference model.")
         self.optimizer = make_optimizer(config.optimizer, [p for p in self.policy.parameters() if p.requires_grad], config.lr)
         warmup = config.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
 
-        self.train_examples = train_examples
-        # every data-parallel rank gets the same share of every eval batch
-        n_eval = len(eval_examples) - len(eval_examples) % self.data_world_size
-        self.eval_examples = eval_examples[:n_eval]
         self.examples_seen = 0
         self.optimizer_steps = 0
         self.wandb_run = None
@@ -112,19 +239,49 @@ class BasicTrainer:
     def distributed(self) -> bool:
         return False
 
+    def distribute(self, model: PreTrainedModel) -> nn.Module:
+        """Place a model on this trainer's device(s): moved here, sharded or split by subclasses."""
+        return model.to(self.device)
+
     def wrap_policy(self, policy: PreTrainedModel) -> nn.Module:
         if self.config.activation_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             policy.config.use_cache = False
-        return policy.to(self.device)
+        policy = self.distribute(policy)
+        self.compile_blocks(policy)
+        return policy
 
     def wrap_reference(self, reference_model: PreTrainedModel) -> nn.Module:
         reference_model.requires_grad_(False)
         reference_model.eval()
-        return reference_model.to(self.device)
+        reference_model = self.distribute(reference_model)
+        self.compile_blocks(reference_model)
+        return reference_model
+
+    def compile_blocks(self, model: nn.Module) -> None:
+        """torch.compile each transformer block in place (state-dict names stay unchanged).
+
+        Blocks rather than the whole model: each compiles once and is reused by every layer,
+        graph breaks stay local, and it composes with FSDP2 and tensor-parallel wrapping.
+        """
+        backend = self.config.compile_backend
+        if backend is None:
+            return
+        for block in self.transformer_blocks(model):
+            block.compile(backend=backend, dynamic=True)
+
+    def transformer_blocks(self, model: nn.Module) -> list[nn.Module]:
+        block_name = block_class_name(model, self.config.model.block_name)
+        blocks = [m for m in model.modules() if type(m).__name__ == block_name]
+        if not blocks:
+            raise ModelLoadError(f"model.block_name={block_name}: no module of that class in {type(model).__name__}.")
+        return blocks
 
     def set_gradient_sync(self, enabled: bool) -> None:
         """Distributed trainers skip gradient communication on all but the last micro-batch."""
+
+    def release_gathered_weights(self, model: nn.Module) -> None:
+        """After a forward with no backward (eval, reference, generation): free gathered shards (FSDP)."""
 
     def clip_gradients(self) -> torch.Tensor:
         """Clip to max_grad_norm; return the total norm before clipping."""
@@ -148,7 +305,7 @@ class BasicTrainer:
         """Completions for left-padded prompts: (batch, prompt_len + new_tokens)."""
         sampling = self.config.sampling
         max_new_tokens = min(sampling.max_new_tokens, self.config.max_length - prompts["prompt_input_ids"].shape[1])
-        return model.generate(
+        sequences = model.generate(
             input_ids=prompts["prompt_input_ids"],
             attention_mask=prompts["prompt_attention_mask"],
             max_new_tokens=max(max_new_tokens, 1),
@@ -157,6 +314,8 @@ class BasicTrainer:
             pad_token_id=self.tokenizer.pad_token_id,
             synced_gpus=self.distributed,  # keep every rank stepping until all are done
         )
+        self.release_gathered_weights(model)
+        return sequences
 
     # ----- the training loop -------------------------------------------------------
 
@@ -189,26 +348,14 @@ class BasicTrainer:
         total = len(self.train_examples) * self.config.n_epochs
         if self.config.n_examples is not None:
             total = min(total, self.config.n_examples)
-        batches = iterate_batches(
-            self.train_examples,
-            batch_size=self.config.batch_size,
-            shuffle=True,
-            seed=self.config.seed,
-            n_epochs=self.config.n_epochs,
-            n_examples=self.config.n_examples,
-            drop_last=True,
-        )
         with tqdm.tqdm(total=total, desc="train", unit="ex", disable=not self.is_main, dynamic_ncols=True) as bar:
-            for batch in batches:
-                yield batch
-                bar.update(len(batch))
+            for indices in training_order(self.config, len(self.train_examples)):
+                yield [self.train_examples[i] for i in indices]
+                bar.update(len(indices))
 
     def train_step(self, batch: list[dict]) -> MetricSums:
         """One optimizer step on a global batch; returns its metrics summed over ranks."""
-        micro_batches = [
-            collate(chunk, self.tokenizer.pad_token_id)
-            for chunk in split_evenly(self.local_share(batch), self.config.gradient_accumulation_steps)
-        ]
+        micro_batches = split_evenly(self.local_share(batch), self.config.gradient_accumulation_steps)
         # Each micro-batch's loss is its sum divided by the weight of the WHOLE global batch,
         # so accumulation and data parallelism give exactly the full-batch mean. Data-parallel
         # gradient reduction averages over ranks, hence the factor data_world_size.
@@ -233,41 +380,35 @@ class BasicTrainer:
         """This rank's contiguous share of a global batch."""
         return split_evenly(batch, self.data_world_size)[self.data_rank]
 
-    def loss_weights(self, micro_batch: Batch) -> torch.Tensor:
+    def loss_weights(self, examples: list[dict]) -> torch.Tensor:
         """Per-example weight of each example's loss in the batch mean: (batch,).
 
         Token counts for per-token-mean SFT, so every target token counts the same;
         otherwise 1 per example (per sequence for SFT, per pair for DPO/IPO).
         """
-        labels = micro_batch["chosen_labels"]
         if self.loss_config.name == "sft" and self.loss_config.per_token_mean:
-            return (labels[:, 1:] != IGNORE_INDEX).sum(-1).double()
-        return torch.ones(labels.shape[0], dtype=torch.float64)
+            return torch.tensor([labelled_tokens(e["chosen_labels"]) for e in examples], dtype=torch.float64)
+        return torch.ones(len(examples), dtype=torch.float64)
 
-    def global_loss_weight(self, micro_batches: list[Batch]) -> float:
+    def global_loss_weight(self, micro_batches: list[list[dict]]) -> float:
         weights = MetricSums()
         for micro_batch in micro_batches:
             weights.add("weight", self.loss_weights(micro_batch))
         return weights.summed_over_ranks(self.device, self.data_world_size > 1).sums["weight"]
 
-    def loss_and_metrics(self, model: nn.Module, micro_batch: Batch, metrics: MetricSums, split: str) -> torch.Tensor:
-        """Forward pass(es) on a micro-batch; adds its metrics and returns the summed loss."""
-        micro_batch = {k: v.to(self.device) for k, v in micro_batch.items()}
+    def loss_and_metrics(self, model: nn.Module, examples: list[dict], metrics: MetricSums, split: str) -> torch.Tensor:
+        """Forward pass(es) on a micro-batch of examples; adds its metrics and returns the summed loss."""
         if self.loss_config.name == "sft":
-            logps, _ = self.sequence_logps(model, micro_batch["chosen_input_ids"], micro_batch["chosen_attention_mask"], micro_batch["chosen_labels"])
+            logps, _ = self.sequence_logps(model, [e["chosen_input_ids"] for e in examples], [e["chosen_labels"] for e in examples])
             losses = -logps
-            weights = self.loss_weights(micro_batch).to(self.device)
+            weights = self.loss_weights(examples).to(self.device)
             metrics.add(f"logps_{split}/chosen", logps)
             metrics.add(f"loss/{split}", losses, count=weights.sum())
             return losses.sum()
 
         average = self.loss_config.name == "ipo" and self.loss_config.average_log_prob
-        policy_chosen, policy_rejected = self.concatenated_logps(model, micro_batch, average)
-        if self.reference_model is not None:
-            with torch.no_grad():
-                reference_chosen, reference_rejected = self.concatenated_logps(self.reference_model, micro_batch, average)
-        else:
-            reference_chosen = reference_rejected = torch.zeros_like(policy_chosen)
+        policy_chosen, policy_rejected = self.pair_logps(model, examples, average)
+        reference_chosen, reference_rejected = self.reference_pair_logps(examples, split, average)
         losses, chosen_rewards, rejected_rewards = preference_loss(
             policy_chosen,
             policy_rejected,
@@ -287,24 +428,131 @@ class BasicTrainer:
         metrics.add(f"loss/{split}", losses)
         return losses.sum()
 
-    def sequence_logps(
-        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, average: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probabilities of the labelled tokens of each sequence: ((batch,), (batch,) token counts)."""
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return sequence_logps(logits, labels, average=average)
-
-    def concatenated_logps(self, model: nn.Module, micro_batch: Batch, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair_logps(self, model: nn.Module, examples: list[dict], average: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen and rejected log-probs from ONE forward pass over both: ((batch,), (batch,))."""
-        n_pairs = micro_batch["chosen_input_ids"].shape[0]
+        sides = ("chosen", "rejected")
         logps, _ = self.sequence_logps(
             model,
-            torch.cat([micro_batch["chosen_input_ids"], micro_batch["rejected_input_ids"]]),
-            torch.cat([micro_batch["chosen_attention_mask"], micro_batch["rejected_attention_mask"]]),
-            torch.cat([micro_batch["chosen_labels"], micro_batch["rejected_labels"]]),
+            [e[f"{side}_input_ids"] for side in sides for e in examples],
+            [e[f"{side}_labels"] for side in sides for e in examples],
             average=average,
         )
-        return logps[:n_pairs], logps[n_pairs:]
+        return logps[: len(examples)], logps[len(examples):]
+
+    def reference_pair_logps(self, examples: list[dict], split: str, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference model's chosen and rejected log-probs: precomputed, computed now, or zero."""
+        if self.reference_logps is not None:
+            table = self.reference_logps[split][[e["index"] for e in examples]].to(self.device)
+            return table[:, 0], table[:, 1]
+        if self.reference_model is None:
+            zeros = torch.zeros(len(examples), device=self.device)
+            return zeros, zeros
+        with torch.no_grad():
+            return self.pair_logps(self.reference_model, examples, average)
+
+    def sequence_logps(
+        self, model: nn.Module, input_ids: list[list[int]], labels: list[list[int]], average: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities of the labelled tokens of each sequence: ((n,), (n,) token counts).
+
+        The sequences go through the model padded, or packed when `packing` is on; the output
+        projection runs in chunks over labelled positions only when `logps_chunk_tokens` is set.
+        """
+        if self.config.packing:
+            batch = packed_batch(input_ids, labels, self.tokenizer.pad_token_id, self.config.max_length)
+        else:
+            batch = padded_batch(input_ids, labels, self.tokenizer.pad_token_id)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        labels_tensor, sequence_ids = batch.pop("labels"), batch.pop("sequence_ids", None)
+        n_sequences = len(input_ids)
+        with self.autocast():
+            if self.chunked_logps:
+                # the vocabulary projection is ours: the model computes its last hidden states
+                # (and, with logits_to_keep=1, the logits of one position only)
+                outputs = model(**batch, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+                head = model.get_output_embeddings()
+                result = sequence_logps_from_hidden(
+                    outputs.hidden_states[-1], head.weight, head.bias, labels_tensor, self.config.logps_chunk_tokens,
+                    average, sequence_ids, n_sequences,
+                )
+            else:
+                logits = model(**batch, use_cache=False).logits
+                result = sequence_logps(logits, labels_tensor, average, sequence_ids, n_sequences)
+        if not torch.is_grad_enabled():
+            self.release_gathered_weights(model)
+        return result
+
+    @torch.no_grad()
+    def logits_are_projected_hidden_states(self) -> bool:
+        """Whether the policy's logits are exactly its output layer applied to its last hidden states.
+
+        Chunked log-probs rely on it. A few models post-process logits (Gemma 2's soft-capping,
+        Cohere's logit scale); for those the full logits are used instead.
+        """
+        input_ids = torch.full((1, 2), self.tokenizer.eos_token_id, device=self.device)
+        with self.autocast():
+            outputs = self.policy(input_ids=input_ids, use_cache=False, output_hidden_states=True)
+            head = self.policy.get_output_embeddings()
+            projected = F.linear(outputs.hidden_states[-1], head.weight, head.bias)
+        self.release_gathered_weights(self.policy)
+        matches = torch.allclose(projected.float(), outputs.logits.float(), rtol=1e-3, atol=1e-3)
+        if not matches and self.is_main:
+            print(f"note: {type(self.policy).__name__} post-processes its logits; logps_chunk_tokens is ignored", flush=True)
+        return matches
+
+    def autocast(self):
+        """torch.autocast in autocast_dtype for forward passes; a no-op when it is null."""
+        dtype = self.config.autocast_dtype
+        return torch.autocast(self.device.type, dtype=DTYPES[dtype] if dtype else None, enabled=dtype is not None)
+
+    # ----- precomputed reference log-probs -------------------------------------------
+
+    def load_or_compute_reference_logps(self, examples: Sequence[dict], split: str) -> torch.Tensor:
+        """The reference model's (chosen, rejected) log-probs of the examples: (len(examples), 2).
+
+        Only the examples this run will use are scored (see reference_logps_examples); the
+        others hold NaN. Read from the cache when an earlier run with the same reference
+        weights, data and tokenization scored them; otherwise computed now (and cached by rank 0).
+        """
+        positions, used = reference_logps_examples(self.config, examples, split)
+        table = torch.full((len(examples), 2), float("nan"))
+        path = reference_logps_cache_file(self.config, used)
+        if path is not None and path.is_file():
+            if self.is_main:
+                print(f"reference log-probs ({split}): loaded from {path}", flush=True)
+            table[positions] = load_file(path)["logps"]
+            return table
+        if self.reference_model is None:
+            raise ValueError(f"No cached reference log-probs for the {split} split and no reference model to compute them.")
+        logps = self.compute_reference_logps(used, split)
+        if path is not None and self.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(path.name + f".partial-{os.getpid()}")
+            save_file({"logps": logps}, partial)
+            os.replace(partial, path)  # never a half-written file under the final name
+            print(f"reference log-probs ({split}): cached in {path}", flush=True)
+        table[positions] = logps
+        return table
+
+    @torch.no_grad()
+    def compute_reference_logps(self, examples: Sequence[dict], split: str) -> torch.Tensor:
+        """One pass of the reference model over the examples, each data rank taking its share."""
+        average = self.loss_config.name == "ipo" and self.loss_config.average_log_prob
+        share = split_evenly(list(range(len(examples))), self.data_world_size)[self.data_rank]
+        per_batch = max(self.config.eval_batch_size // self.data_world_size, 1)
+        # every rank runs the same number of forward passes (sharded models need all ranks)
+        n_batches = max(-(-len(examples) // (per_batch * self.data_world_size)), 1)
+        computed = []
+        chunks = split_evenly(share, n_batches)
+        for chunk in tqdm.tqdm(chunks, desc=f"reference log-probs ({split})", disable=not self.is_main, dynamic_ncols=True):
+            batch = [examples[i] for i in chunk or [0]]  # an empty share still takes part in the collectives
+            chosen, rejected = self.pair_logps(self.reference_model, batch, average)
+            if chunk:
+                computed.append((chunk, torch.stack([chosen, rejected], dim=1).float().cpu()))
+        table = torch.full((len(examples), 2), float("nan"))
+        for indices, values in self.gather_objects(computed):
+            table[indices] = values
+        return table
 
     # ----- evaluation ----------------------------------------------------------------
 
@@ -317,7 +565,7 @@ class BasicTrainer:
         )
         with torch.no_grad():
             for batch in tqdm.tqdm(eval_batches, desc="eval", disable=not self.is_main, leave=False, dynamic_ncols=True):
-                self.loss_and_metrics(self.policy, collate(self.local_share(batch), self.tokenizer.pad_token_id), metrics, "eval")
+                self.loss_and_metrics(self.policy, self.local_share(batch), metrics, "eval")
         results = metrics.summed_over_ranks(self.device, self.data_world_size > 1).averages()
         if self.config.sample_during_eval and self.config.n_eval_model_samples > 0:
             self.write_samples(self.sample())
@@ -437,6 +685,8 @@ class _DistributedTrainer(BasicTrainer):
         return True
 
     def gather_objects(self, items: list) -> list:
+        if self.data_world_size == 1:
+            return items  # every rank holds the same items (tensor parallel)
         gathered = [None] * self.world_size
         dist.all_gather_object(gathered, items)
         return [item for rank_items in gathered for item in rank_items]
@@ -458,13 +708,6 @@ class _DistributedTrainer(BasicTrainer):
     def mesh(self) -> DeviceMesh:
         return init_device_mesh(self.device.type, (self.world_size,))
 
-    def transformer_blocks(self, model: nn.Module) -> list[nn.Module]:
-        block_name = block_class_name(model, self.config.model.block_name)
-        blocks = [m for m in model.modules() if type(m).__name__ == block_name]
-        if not blocks:
-            raise ModelLoadError(f"model.block_name={block_name}: no module of that class in {type(model).__name__}.")
-        return blocks
-
 
 class FSDPTrainer(_DistributedTrainer):
     """Fully sharded data parallel (FSDP2): each rank holds a shard of every parameter.
@@ -481,39 +724,31 @@ class FSDPTrainer(_DistributedTrainer):
     def data_world_size(self) -> int:
         return self.world_size
 
-    def shard(self, model: PreTrainedModel) -> nn.Module:
+    def distribute(self, model: PreTrainedModel) -> nn.Module:
         mp_dtype = self.config.model.fsdp_policy_mp
         mixed_precision = MixedPrecisionPolicy(param_dtype=DTYPES[mp_dtype], reduce_dtype=torch.float32) if mp_dtype else MixedPrecisionPolicy()
         mesh = self.mesh()
-        for block in self.transformer_blocks(model):
-            fully_shard(block, mesh=mesh, mp_policy=mixed_precision)
+        blocks = self.transformer_blocks(model)
+        for block in blocks:
+            fully_shard(block, mesh=mesh, mp_policy=mixed_precision, reshard_after_forward=self.config.fsdp.reshard_after_forward)
         fully_shard(model, mesh=mesh, mp_policy=mixed_precision)
+        depth = self.config.fsdp.prefetch_blocks
+        if depth > 0:
+            # all-gather the next blocks' weights while this one computes (backward runs in reverse)
+            for i, block in enumerate(blocks):
+                block.set_modules_to_forward_prefetch(blocks[i + 1:i + 1 + depth])
+                block.set_modules_to_backward_prefetch(blocks[max(i - depth, 0):i][::-1])
         return model
-
-    def wrap_policy(self, policy: PreTrainedModel) -> nn.Module:
-        if self.config.activation_checkpointing:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            policy.config.use_cache = False
-        return self.shard(policy)
-
-    def wrap_reference(self, reference_model: PreTrainedModel) -> nn.Module:
-        reference_model.requires_grad_(False)
-        reference_model.eval()
-        return self.shard(reference_model)
 
     def set_gradient_sync(self, enabled: bool) -> None:
         self.policy.set_requires_gradient_sync(enabled)
 
-    def sequence_logps(self, model, input_ids, attention_mask, labels, average=False):
-        result = super().sequence_logps(model, input_ids, attention_mask, labels, average)
-        if not torch.is_grad_enabled():
-            model.reshard()  # without a backward, FSDP2 leaves the root's parameters gathered
-        return result
-
-    def generate(self, model: nn.Module, prompts: Batch) -> torch.Tensor:
-        sequences = super().generate(model, prompts)
-        model.reshard()
-        return sequences
+    def release_gathered_weights(self, model: nn.Module) -> None:
+        # Without a backward, FSDP2 leaves the root's parameters gathered, and every block's too
+        # when fsdp.reshard_after_forward is false; reshard() covers one module's own parameters.
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
 
 class TensorParallelTrainer(_DistributedTrainer):
@@ -536,7 +771,7 @@ class TensorParallelTrainer(_DistributedTrainer):
         prefix = model.base_model_prefix
         return {f"{prefix}.{pattern}": self.STYLES[style]() for pattern, style in plan.items()}
 
-    def parallelize(self, model: PreTrainedModel) -> nn.Module:
+    def distribute(self, model: PreTrainedModel) -> nn.Module:
         config = model.config
         for key in ("num_attention_heads", "num_key_value_heads"):
             heads = getattr(config, key, None)
@@ -544,17 +779,6 @@ class TensorParallelTrainer(_DistributedTrainer):
                 raise ModelLoadError(f"{key}={heads} is not divisible by the {self.world_size} tensor-parallel ranks.")
         model.to(self.device)
         return parallelize_module(model, self.mesh(), self.parallel_plan(model))
-
-    def wrap_policy(self, policy: PreTrainedModel) -> nn.Module:
-        if self.config.activation_checkpointing:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            policy.config.use_cache = False
-        return self.parallelize(policy)
-
-    def wrap_reference(self, reference_model: PreTrainedModel) -> nn.Module:
-        reference_model.requires_grad_(False)
-        reference_model.eval()
-        return self.parallelize(reference_model)
 
     def clip_gradients(self) -> torch.Tensor:
         # torch's clip_grad_norm_ cannot mix sharded DTensor gradients with the plain

@@ -15,6 +15,7 @@ OPTIMIZERS = ("RMSprop", "AdamW", "Adam")
 LOSSES = ("sft", "dpo", "ipo")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
 
 
 class ConfigError(ValueError):
@@ -125,9 +126,19 @@ def validate_config(config: DictConfig, world_size: int) -> None:
     _check_positive(
         config,
         ["batch_size", "eval_batch_size", "gradient_accumulation_steps", "lr", "max_grad_norm", "max_length",
-         "max_prompt_length", "n_epochs", "n_examples", "n_eval_examples", "eval_every", "sampling.max_new_tokens"],
+         "max_prompt_length", "n_epochs", "n_examples", "n_eval_examples", "eval_every", "sampling.max_new_tokens",
+         "logps_chunk_tokens"],
         problems,
     )
+    if config.autocast_dtype is not None:
+        _check_choice("autocast_dtype", config.autocast_dtype, ("bfloat16", "float16"), problems)
+    if config.compile_backend is not None:
+        _check_choice("compile_backend", config.compile_backend, COMPILE_BACKENDS, problems)
+    if config.fsdp.prefetch_blocks < 0:
+        problems.append(f"fsdp.prefetch_blocks={config.fsdp.prefetch_blocks}: must be 0 or more.")
+    if config.precompute_ref_logps and not uses_reference_model(config.loss):
+        reason = "loss=sft" if config.loss.name == "sft" else "loss.reference_free=true"
+        problems.append(f"precompute_ref_logps=true, but with {reason} there is no reference model; drop precompute_ref_logps.")
     if config.warmup_steps < 0:
         problems.append(f"warmup_steps={config.warmup_steps}: must be 0 or more.")
     if config.n_eval_model_samples < 0:

@@ -44,8 +44,12 @@ def free_port() -> int:
 
 
 def run_in_processes(config: DictConfig, run_dir: Path, n_processes: int) -> None:
-    """What train.py does for one run, in this process (1) or in spawned ranks (> 1)."""
+    """What train.py does for one run, in this process (1) or in spawned ranks (> 1).
+
+    Runs of one test share a cache beside their run folders, never the repository's.
+    """
     run_dir.mkdir(parents=True)
+    config.cache_dir = str(run_dir.parent / "cache")
     if n_processes == 1:
         train.train_worker(0, 1, config, run_dir)
         return

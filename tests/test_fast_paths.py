@@ -1,0 +1,109 @@
+"""The fast paths of issue 4 compute what the plain path computes.
+
+Packed batches, chunked log-probs, precomputed reference log-probs, FSDP prefetching and
+compiled blocks are each checked against the plain padded, full-logits, live-reference run
+on the same data: same metrics at every step and the same final weights.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_training import compose_config, equivalence_overrides, run_in_processes, train_records
+from trainers import packed_batch, padded_batch
+
+PLAIN = ["packing=false", "logps_chunk_tokens=null", "precompute_ref_logps=false"]
+FOUR_STEPS = ["n_examples=32"]  # enough for a wrong gradient to show in later steps' metrics
+METRIC_PREFIXES = ("loss/", "rewards_", "logps_", "grad_norm")
+
+
+def test_packed_batch_places_sequences_with_their_own_positions():
+    sequences = [[5, 6, 7], [8, 9], [1, 2, 3, 4, 5, 6]]
+    labels = [[-100, 6, 7], [-100, 9], [-100, -100, 3, 4, 5, 6]]
+    batch = packed_batch(sequences, labels, pad_token_id=0, row_tokens=6)
+    # longest first, first fit: row 0 holds sequence 2; row 1 holds sequences 0 and 1
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6], [5, 6, 7, 8, 9, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 0]]
+    assert batch["sequence_ids"].tolist() == [[2, 2, 2, 2, 2, 2], [0, 0, 0, 1, 1, -1]]
+    # a sequence's first token is never a label: it would be predicted from the sequence before it
+    assert batch["labels"].tolist() == [[-100, -100, 3, 4, 5, 6], [-100, 6, 7, -100, 9, -100]]
+
+
+def test_padded_batch_right_pads_with_a_mask():
+    batch = padded_batch([[5, 6, 7], [8]], [[-100, 6, 7], [-100]], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, -100]]
+
+
+def run(tmp_path, name: str, overrides: list[str], n_processes: int = 1) -> tuple[list[dict], dict]:
+    run_dir = tmp_path / name
+    run_in_processes(compose_config(overrides), run_dir, n_processes)
+    return train_records(run_dir), load_file(run_dir / "LATEST" / "model.safetensors")
+
+
+def assert_same_training(expected: tuple[list[dict], dict], actual: tuple[list[dict], dict], label: str) -> None:
+    (expected_records, expected_weights), (actual_records, actual_weights) = expected, actual
+    assert len(actual_records) == len(expected_records)
+    for step, (want, got) in enumerate(zip(expected_records, actual_records)):
+        for key in (k for k in want if k.startswith(METRIC_PREFIXES)):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), f"{label} step {step} {key}"
+    for name, tensor in expected_weights.items():
+        torch.testing.assert_close(actual_weights[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{label} {name}")
+
+
+@pytest.mark.parametrize("loss", ["sft", "dpo"])
+def test_packed_and_chunked_match_padded_full_logits(loss, tmp_path):
+    base = equivalence_overrides(loss) + FOUR_STEPS
+    plain = run(tmp_path, "plain", base + PLAIN)
+    for variant in (["logps_chunk_tokens=7"], ["packing=true", "logps_chunk_tokens=null"], ["packing=true", "logps_chunk_tokens=64"]):
+        name = "_".join(v.replace("=", "-") for v in variant)
+        assert_same_training(plain, run(tmp_path, name, base + PLAIN + variant), name)
+
+
+def test_precomputed_reference_matches_live_and_is_reused(tmp_path, capsys):
+    base = equivalence_overrides("dpo") + FOUR_STEPS + ["do_first_eval=true"]
+    live = run(tmp_path, "live", base + PLAIN)
+    capsys.readouterr()
+    precomputed = run(tmp_path, "precomputed", base + PLAIN + ["precompute_ref_logps=true"])
+    assert_same_training(live, precomputed, "precomputed")
+    first_output = capsys.readouterr().out
+    assert "reference log-probs (train): cached in" in first_output
+    assert "reference model: True" in first_output
+
+    again = run(tmp_path, "again", base + PLAIN + ["precompute_ref_logps=true"])
+    second_output = capsys.readouterr().out
+    assert "reference log-probs (train): loaded from" in second_output
+    assert "reference model: False" in second_output, "a cache hit must not load the reference model"
+    assert_same_training(live, again, "from cache")
+    # eval metrics (the first eval is before any step: rewards exactly 0) match too
+    evals = [json.loads(l) for l in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines() if "loss/eval" in l]
+    assert evals[0]["rewards_eval/margins"] == 0.0
+
+
+def test_fsdp_with_packing_prefetch_and_precomputed_reference_matches_one_device(tmp_path):
+    base = equivalence_overrides("dpo") + FOUR_STEPS
+    basic = run(tmp_path, "basic", base + PLAIN)
+    fast = ["packing=true", "logps_chunk_tokens=32", "precompute_ref_logps=true",
+            "fsdp.prefetch_blocks=1", "fsdp.reshard_after_forward=false"]
+    fsdp = run(tmp_path, "fsdp", base + fast + ["trainer=FSDPTrainer"], n_processes=2)
+    assert_same_training(basic, fsdp, "FSDP fast paths")
+
+
+def test_compiled_blocks_match_eager(tmp_path):
+    # the eager backend traces each block with dynamo like inductor does, but compiles in seconds
+    base = equivalence_overrides("sft") + FOUR_STEPS
+    eager = run(tmp_path, "eager", base)
+    compiled = run(tmp_path, "compiled", base + ["compile_backend=eager"])
+    assert_same_training(eager, compiled, "compiled")
+
+
+def test_bfloat16_autocast_trains_close_to_float32(tmp_path):
+    base = equivalence_overrides("sft") + FOUR_STEPS
+    records_fp32, _ = run(tmp_path, "fp32", base)
+    records_bf16, _ = run(tmp_path, "bf16", base + ["autocast_dtype=bfloat16"])
+    for want, got in zip(records_fp32, records_bf16):
+        assert got["loss/train"] == pytest.approx(want["loss/train"], abs=0.05)
+        assert got["loss/train"] != want["loss/train"], "autocast changed nothing: it is not applied"
