@@ -1,8 +1,9 @@
 """The fast paths of issue 4 compute what the plain path computes.
 
-Packed batches, chunked log-probs, precomputed reference log-probs, FSDP prefetching and
-compiled blocks are each checked against the plain padded, full-logits, live-reference run
-on the same data: same metrics at every step and the same final weights.
+Packed batches, chunked log-probs, precomputed reference log-probs and compiled blocks are
+each checked against the plain padded, full-logits, live-reference run on the same data:
+same metrics at every step and the same final weights. Under FSDP and tensor parallel the
+fast paths together are checked against the plain one-device run in test_training.py.
 """
 
 import json
@@ -49,6 +50,8 @@ def assert_same_training(expected: tuple[list[dict], dict], actual: tuple[list[d
     assert len(actual_records) == len(expected_records)
     for step, (want, got) in enumerate(zip(expected_records, actual_records)):
         for key in (k for k in want if k.startswith(METRIC_PREFIXES)):
+            if step == 0 and key.endswith("accuracies"):
+                continue  # policy == reference: rewards are 0 up to rounding, their order a coin flip
             assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), f"{label} step {step} {key}"
     for name, tensor in expected_weights.items():
         torch.testing.assert_close(actual_weights[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{label} {name}")
@@ -81,15 +84,6 @@ def test_precomputed_reference_matches_live_and_is_reused(tmp_path, capsys):
     # eval metrics (the first eval is before any step: rewards exactly 0) match too
     evals = [json.loads(l) for l in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines() if "loss/eval" in l]
     assert evals[0]["rewards_eval/margins"] == 0.0
-
-
-def test_fsdp_with_packing_prefetch_and_precomputed_reference_matches_one_device(tmp_path):
-    base = equivalence_overrides("dpo") + FOUR_STEPS
-    basic = run(tmp_path, "basic", base + PLAIN)
-    fast = ["packing=true", "logps_chunk_tokens=32", "precompute_ref_logps=true",
-            "fsdp.prefetch_blocks=1", "fsdp.reshard_after_forward=false"]
-    fsdp = run(tmp_path, "fsdp", base + fast + ["trainer=FSDPTrainer"], n_processes=2)
-    assert_same_training(basic, fsdp, "FSDP fast paths")
 
 
 def test_compiled_blocks_match_eager(tmp_path):

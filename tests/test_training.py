@@ -90,7 +90,14 @@ def test_fsdp_and_tensor_parallel_match_one_device(loss, tmp_path):
     }
     records, weights = {}, {}
     for trainer, n_processes in runs.items():
-        config = compose_config(equivalence_overrides(loss) + [f"trainer={trainer}"])
+        overrides = equivalence_overrides(loss) + [f"trainer={trainer}"]
+        if trainer == "BasicTrainer":
+            overrides += ["packing=false", "logps_chunk_tokens=null"]  # the plain path
+        elif loss == "dpo":
+            # the fast paths, each also tested alone on one device (test_fast_paths.py)
+            overrides += ["packing=true", "logps_chunk_tokens=32", "precompute_ref_logps=true",
+                          "fsdp.prefetch_blocks=1", "fsdp.reshard_after_forward=false"]
+        config = compose_config(overrides)
         run_dir = tmp_path / trainer
         run_in_processes(config, run_dir, n_processes)
         records[trainer] = train_records(run_dir)
@@ -105,6 +112,10 @@ def test_fsdp_and_tensor_parallel_match_one_device(loss, tmp_path):
         for step, (expected, actual) in enumerate(zip(basic, records[trainer])):
             assert actual["counters/examples"] == expected["counters/examples"]
             for key in keys:
+                if step == 0 and key.endswith("accuracies"):
+                    # before the first update policy == reference: every reward is 0 up to rounding,
+                    # and "chosen > rejected" of rounding noise is a coin flip (margins still compared)
+                    continue
                 assert actual[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-5), f"{trainer} step {step} {key}"
         assert weights[trainer].keys() == weights["BasicTrainer"].keys()
         for name, tensor in weights["BasicTrainer"].items():
