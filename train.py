@@ -98,7 +98,9 @@ def train_worker(rank: int, world_size: int, config: DictConfig, run_dir: Path |
     try:
         tokenizer = load_tokenizer(config.model)
         train_examples, eval_examples = load_examples(config, tokenizer, is_main)
-        policy = load_model(config.model, config.model.policy_dtype, tokenizer, config.max_length, config.seed)
+        # a resumed run's policy continues from its checkpoint; its reference stays model.archive
+        policy_source = config.model if config.resume_from is None else OmegaConf.merge(config.model, {"archive": config.resume_from})
+        policy = load_model(policy_source, config.model.policy_dtype, tokenizer, config.max_length, config.seed)
         reference_model = None
         if needs_reference_model(config, train_examples, eval_examples):
             reference_model = load_model(config.model, config.model.reference_dtype, tokenizer, config.max_length, config.seed)

@@ -6,6 +6,7 @@ which data, gradient synchronisation, generation and saving.
 """
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -19,7 +20,12 @@ import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 import torch.nn.functional as F
 import tqdm
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -29,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from losses import IGNORE_INDEX, labelled_tokens, preference_loss, sequence_logps, sequence_logps_from_hidden
-from models import ModelLoadError, block_class_name, weights_fingerprint, write_checkpoint
+from models import TRAINER_STATE_FILE, ModelLoadError, block_class_name, weights_fingerprint, write_checkpoint
 from preference_datasets import collate_prompts, iterate_batches
 from utils import DTYPES, MetricSums, uses_reference_model
 
@@ -222,6 +228,8 @@ class BasicTrainer:
         self.examples_seen = 0
         self.optimizer_steps = 0
         self.wandb_run = None
+        if config.resume_from is not None:
+            self.resume(Path(config.resume_from))
 
     # ----- what distributed trainers override -----------------------------------------
 
@@ -301,6 +309,9 @@ class BasicTrainer:
     def save_optimizer_state(self, checkpoint_dir: Path) -> None:
         torch.save(self.optimizer.state_dict(), checkpoint_dir / "optimizer.pt")
 
+    def load_optimizer_state(self, checkpoint_dir: Path) -> None:
+        self.optimizer.load_state_dict(torch.load(checkpoint_dir / "optimizer.pt", map_location=self.device, weights_only=True))
+
     def generate(self, model: nn.Module, prompts: Batch) -> torch.Tensor:
         """Completions for left-padded prompts: (batch, prompt_len + new_tokens)."""
         sampling = self.config.sampling
@@ -322,7 +333,7 @@ class BasicTrainer:
     def train(self) -> None:
         """Train for n_epochs / n_examples, evaluating every eval_every examples and at the end."""
         self.start_logging()
-        if self.config.do_first_eval:
+        if self.config.do_first_eval and self.examples_seen == 0:
             self.evaluate()
         last_eval_at = self.examples_seen
         window, window_examples, window_start = MetricSums(), 0, time.time()
@@ -349,7 +360,9 @@ class BasicTrainer:
         if self.config.n_examples is not None:
             total = min(total, self.config.n_examples)
         with tqdm.tqdm(total=total, desc="train", unit="ex", disable=not self.is_main, dynamic_ncols=True) as bar:
-            for indices in training_order(self.config, len(self.train_examples)):
+            bar.update(self.examples_seen)
+            batches = training_order(self.config, len(self.train_examples))
+            for indices in itertools.islice(batches, self.optimizer_steps, None):  # those not yet trained on
                 yield [self.train_examples[i] for i in indices]
                 bar.update(len(indices))
 
@@ -653,6 +666,23 @@ class BasicTrainer:
 
     # ----- checkpoints --------------------------------------------------------------
 
+    def resume(self, checkpoint_dir: Path) -> None:
+        """Continue a run from its checkpoint: optimizer, scheduler, counters and RNG states.
+
+        The policy's weights were loaded from the same folder (train.py); training then skips
+        the batches already trained on, which the seed fixes, so the continued run takes the
+        same steps as one that was never interrupted.
+        """
+        trainer_state = torch.load(checkpoint_dir / TRAINER_STATE_FILE, weights_only=True)
+        self.load_optimizer_state(checkpoint_dir)
+        self.scheduler.load_state_dict(trainer_state["scheduler"])
+        self.examples_seen = trainer_state["examples_seen"]
+        self.optimizer_steps = trainer_state["optimizer_steps"]
+        torch.set_rng_state(trainer_state["torch_rng"])
+        random.setstate(trainer_state["python_rng"])
+        if self.is_main:
+            print(f"resumed from {checkpoint_dir} after {self.examples_seen} examples ({self.optimizer_steps} optimizer steps)", flush=True)
+
     def save_checkpoint(self, name: str) -> None:
         """Write <run_dir>/<name>/: a Hugging Face model folder plus the state a resume needs."""
         if self.config.debug:
@@ -704,6 +734,12 @@ class _DistributedTrainer(BasicTrainer):
         # each rank writes its own shard; no rank ever holds the whole optimizer state
         state = {"optimizer": get_optimizer_state_dict(self.policy, self.optimizer)}
         dcp.save(state, checkpoint_id=str(checkpoint_dir / "optimizer"))
+
+    def load_optimizer_state(self, checkpoint_dir: Path) -> None:
+        # each rank reads the shard it owns into the state dict's layout, then applies it
+        state = {"optimizer": get_optimizer_state_dict(self.policy, self.optimizer)}
+        dcp.load(state, checkpoint_id=str(checkpoint_dir / "optimizer"))
+        set_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"])
 
     def mesh(self) -> DeviceMesh:
         return init_device_mesh(self.device.type, (self.world_size,))

@@ -83,6 +83,20 @@ def _check_model(model: DictConfig, problems: list[str]) -> None:
             problems.append(f"model.archive={archive}: expected a checkpoint folder or a .pt file from the reference scripts.")
 
 
+def _check_resume(config: DictConfig, problems: list[str]) -> None:
+    if config.resume_from is None:
+        return
+    checkpoint = Path(config.resume_from)
+    # single-device runs save optimizer.pt; distributed ones one shard per rank under optimizer/
+    optimizer_state = "optimizer.pt" if config.trainer == "BasicTrainer" else "optimizer"
+    missing = [name for name in ("config.json", "trainer_state.pt", optimizer_state) if not (checkpoint / name).exists()]
+    if missing:
+        problems.append(
+            f"resume_from={checkpoint}: missing {', '.join(missing)}. Point it at a checkpoint folder of a "
+            f"{config.trainer} run (<run>/step-N or <run>/LATEST)."
+        )
+
+
 def _check_batches(config: DictConfig, world_size: int, problems: list[str]) -> None:
     data_parallel = world_size if config.trainer == "FSDPTrainer" else 1
     micro_batches = config.gradient_accumulation_steps * data_parallel
@@ -159,6 +173,7 @@ def validate_config(config: DictConfig, world_size: int) -> None:
     if not config.local_dirs:
         problems.append("local_dirs=[]: give at least one folder for run outputs.")
     _check_model(config.model, problems)
+    _check_resume(config, problems)
     _check_batches(config, world_size, problems)
     _check_datasets(config, problems)
     if problems:

@@ -95,3 +95,14 @@ def test_blank_model_needs_a_name():
 def test_archive_folder_must_be_a_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
         validate_config(compose_config([f"model.archive={tmp_path}"]), world_size=1)
+
+
+def test_resume_needs_a_checkpoint_of_the_same_kind_of_trainer(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "trainer_state.pt").write_bytes(b"")
+    (tmp_path / "optimizer.pt").write_bytes(b"")  # what a BasicTrainer run saves
+    validate_config(compose_config([f"resume_from={tmp_path}"]), world_size=1)
+    with pytest.raises(ConfigError, match="resume_from=.*missing optimizer"):
+        validate_config(compose_config([f"resume_from={tmp_path}", "trainer=FSDPTrainer"]), world_size=1)
+    with pytest.raises(ConfigError, match="missing config.json, trainer_state.pt, optimizer.pt"):
+        validate_config(compose_config([f"resume_from={tmp_path / 'nothing'}"]), world_size=1)

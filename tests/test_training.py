@@ -204,3 +204,23 @@ def test_bad_config_fails_before_loading_anything(tmp_path):
     assert "loss.beta=-1" in result.stderr and "max_prompt_length=100" in result.stderr
     assert "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir()), "no run folder for a config that cannot run"
+
+
+@pytest.mark.parametrize("trainer,n_processes", [("BasicTrainer", 1), ("FSDPTrainer", 2)])
+def test_resumed_run_continues_exactly_where_it_stopped(trainer, n_processes, tmp_path):
+    """8 steps in one run == 4 steps, a checkpoint, then a resumed run of the last 4."""
+    overrides = equivalence_overrides("dpo") + [f"trainer={trainer}", "n_examples=64", "eval_every=32"]
+    run_in_processes(compose_config(overrides), tmp_path / "straight", n_processes)
+    resumed = overrides + [f"resume_from={tmp_path / 'straight' / 'step-32'}"]
+    run_in_processes(compose_config(resumed), tmp_path / "resumed", n_processes)
+
+    straight_records, resumed_records = train_records(tmp_path / "straight"), train_records(tmp_path / "resumed")
+    assert [r["counters/examples"] for r in resumed_records] == [40, 48, 56, 64]
+    for expected, actual in zip(straight_records[4:], resumed_records):
+        assert actual["counters/updates"] == expected["counters/updates"]
+        for key in ("loss/train", "rewards_train/margins", "grad_norm"):
+            assert actual[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
+    straight_weights = load_file(tmp_path / "straight" / "LATEST" / "model.safetensors")
+    resumed_weights = load_file(tmp_path / "resumed" / "LATEST" / "model.safetensors")
+    for name, tensor in straight_weights.items():
+        torch.testing.assert_close(resumed_weights[name], tensor, rtol=1e-5, atol=1e-7, msg=name)
