@@ -1141,24 +1141,62 @@ def _pad(sequences: list[list[int]], length: int, value: int, left: bool = False
     return padded
 
 
-def collate(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded tensors of a batch, chosen and rejected padded to ONE length so they concatenate.
+def padded_batch(input_ids: list[list[int]], labels: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One sequence per row, right-padded to the longest: input_ids, attention_mask, labels, each (n, longest).
 
-    Returns chosen_input_ids, chosen_attention_mask, chosen_labels (padding labelled
-    IGNORE_INDEX), and the rejected_* ones when the examples have a rejected response;
-    each of shape (batch, longest sequence).
+    Padding is labelled IGNORE_INDEX. A DPO batch passes its chosen then its rejected
+    sequences, so both go through the model in one forward pass.
     """
-    has_rejected = "rejected_input_ids" in examples[0]
-    if any(("rejected_input_ids" in e) != has_rejected for e in examples):
-        raise ValueError("A batch mixes examples with and without a rejected response.")
-    sides = ["chosen", "rejected"] if has_rejected else ["chosen"]
-    length = max(len(e[f"{side}_input_ids"]) for e in examples for side in sides)
-    batch = {}
-    for side in sides:
-        input_ids = [e[f"{side}_input_ids"] for e in examples]
-        batch[f"{side}_input_ids"] = _pad(input_ids, length, pad_token_id)
-        batch[f"{side}_attention_mask"] = _pad([[1] * len(ids) for ids in input_ids], length, 0)
-        batch[f"{side}_labels"] = _pad([e[f"{side}_labels"] for e in examples], length, IGNORE_INDEX)
+    length = max(len(ids) for ids in input_ids)
+    return {
+        "input_ids": _pad(input_ids, length, pad_token_id),
+        "attention_mask": _pad([[1] * len(ids) for ids in input_ids], length, 0),
+        "labels": _pad(labels, length, IGNORE_INDEX),
+    }
+
+
+def packed_batch(input_ids: list[list[int]], labels: list[list[int]], pad_token_id: int, row_tokens: int) -> dict[str, torch.Tensor]:
+    """Several sequences per row, so that almost no position is padding (padding-free batches).
+
+    Sequences are placed first-fit, longest first, into rows of `row_tokens` tokens (or the
+    longest sequence, if longer). Each sequence's position ids restart at 0; with no attention
+    mask, transformers reads those restarts as sequence boundaries and keeps attention inside
+    each sequence (a block-diagonal causal mask for sdpa/eager, varlen kernels for flash
+    attention). The first label of every sequence is IGNORE_INDEX, so no token is ever
+    predicted from the sequence before it: the log-probs equal the padded path's exactly.
+
+    Returns input_ids, position_ids, labels and sequence_ids (index into the arguments,
+    -1 on padding), each (rows, longest row).
+    """
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i])):
+        length = len(input_ids[index])
+        row = next((r for r, free in enumerate(room) if length <= free), None)
+        if row is None:
+            rows.append([])
+            room.append(max(row_tokens, length))
+            row = len(rows) - 1
+        rows[row].append(index)
+        room[row] -= length
+    width = max(sum(len(input_ids[i]) for i in row) for row in rows)
+    batch = {
+        "input_ids": torch.full((len(rows), width), pad_token_id, dtype=torch.long),
+        "position_ids": torch.zeros((len(rows), width), dtype=torch.long),
+        "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
+        "sequence_ids": torch.full((len(rows), width), -1, dtype=torch.long),
+    }
+    for row, members in enumerate(rows):
+        start = 0
+        for index in members:
+            end = start + len(input_ids[index])
+            batch["input_ids"][row, start:end] = torch.tensor(input_ids[index])
+            batch["position_ids"][row, start:end] = torch.arange(end - start)
+            batch["labels"][row, start + 1:end] = torch.tensor(labels[index][1:])
+            batch["sequence_ids"][row, start:end] = index
+            start = end
+        # the padding tail is a sequence of its own (positions from 0) that nothing attends to
+        batch["position_ids"][row, start:] = torch.arange(width - start)
     return batch
 
 

@@ -36,7 +36,7 @@ from transformers import PreTrainedModel
 
 from losses import IGNORE_INDEX, labelled_tokens, preference_loss, sequence_logps, sequence_logps_from_hidden
 from models import TRAINER_STATE_FILE, ModelLoadError, block_class_name, weights_fingerprint, write_checkpoint
-from preference_datasets import collate_prompts, iterate_batches
+from preference_datasets import collate_prompts, iterate_batches, packed_batch, padded_batch
 from utils import DTYPES, MetricSums, uses_reference_model
 
 __all__ = ["BasicTrainer", "FSDPTrainer", "TensorParallelTrainer", "preference_loss"]
@@ -63,11 +63,6 @@ def split_evenly(items: list, parts: int) -> list[list]:
         chunks.append(items[start:end])
         start = end
     return chunks
-
-
-def take_first(examples: Sequence[dict], n: int) -> Sequence[dict]:
-    """The first n examples, keeping the examples' own type (a list, or tokenized examples with select)."""
-    return examples.select(range(n)) if hasattr(examples, "select") else examples[:n]
 
 
 def training_order(config: DictConfig, n_train: int) -> Iterator[list[int]]:
@@ -118,66 +113,6 @@ def reference_logps_cache_file(config: DictConfig, examples: Sequence[dict]) -> 
     return Path(config.cache_dir) / "reference_logps" / f"{digest}.safetensors"
 
 
-def padded_batch(input_ids: list[list[int]], labels: list[list[int]], pad_token_id: int) -> Batch:
-    """One sequence per row, right-padded to the longest: input_ids, attention_mask, labels, each (n, longest)."""
-    length = max(len(ids) for ids in input_ids)
-    batch = {
-        "input_ids": torch.full((len(input_ids), length), pad_token_id, dtype=torch.long),
-        "attention_mask": torch.zeros((len(input_ids), length), dtype=torch.long),
-        "labels": torch.full((len(input_ids), length), IGNORE_INDEX, dtype=torch.long),
-    }
-    for row, (ids, row_labels) in enumerate(zip(input_ids, labels)):
-        batch["input_ids"][row, : len(ids)] = torch.tensor(ids)
-        batch["attention_mask"][row, : len(ids)] = 1
-        batch["labels"][row, : len(ids)] = torch.tensor(row_labels)
-    return batch
-
-
-def packed_batch(input_ids: list[list[int]], labels: list[list[int]], pad_token_id: int, row_tokens: int) -> Batch:
-    """Several sequences per row, so that almost no position is padding (padding-free batches).
-
-    Sequences are placed first-fit, longest first, into rows of `row_tokens` tokens (or the
-    longest sequence, if longer). Each sequence's position ids restart at 0; with no attention
-    mask, transformers reads those restarts as sequence boundaries and keeps attention inside
-    each sequence (a block-diagonal causal mask for sdpa/eager, varlen kernels for flash
-    attention). The first label of every sequence is IGNORE_INDEX, so no token is ever
-    predicted from the sequence before it: the log-probs equal the padded path's exactly.
-
-    Returns input_ids, position_ids, labels and sequence_ids (index into the arguments,
-    -1 on padding), each (rows, longest row).
-    """
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for index in sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i])):
-        length = len(input_ids[index])
-        row = next((r for r, free in enumerate(room) if length <= free), None)
-        if row is None:
-            rows.append([])
-            room.append(max(row_tokens, length))
-            row = len(rows) - 1
-        rows[row].append(index)
-        room[row] -= length
-    width = max(sum(len(input_ids[i]) for i in row) for row in rows)
-    batch = {
-        "input_ids": torch.full((len(rows), width), pad_token_id, dtype=torch.long),
-        "position_ids": torch.zeros((len(rows), width), dtype=torch.long),
-        "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
-        "sequence_ids": torch.full((len(rows), width), -1, dtype=torch.long),
-    }
-    for row, members in enumerate(rows):
-        start = 0
-        for index in members:
-            end = start + len(input_ids[index])
-            batch["input_ids"][row, start:end] = torch.tensor(input_ids[index])
-            batch["position_ids"][row, start:end] = torch.arange(end - start)
-            batch["labels"][row, start + 1:end] = torch.tensor(labels[index][1:])
-            batch["sequence_ids"][row, start:end] = index
-            start = end
-        # the padding tail is a sequence of its own (positions from 0) that nothing attends to
-        batch["position_ids"][row, start:] = torch.arange(width - start)
-    return batch
-
-
 class BasicTrainer:
     """Trains the policy on one device (a GPU when there is one, else the CPU)."""
 
@@ -208,7 +143,7 @@ class BasicTrainer:
 
         self.train_examples = train_examples
         # every data-parallel rank gets the same share of every eval batch
-        self.eval_examples = take_first(eval_examples, len(eval_examples) - len(eval_examples) % self.data_world_size)
+        self.eval_examples = eval_examples[: len(eval_examples) - len(eval_examples) % self.data_world_size]
         self.policy = self.wrap_policy(policy)
         self.reference_model = self.wrap_reference(reference_model) if reference_model is not None else None
         self.chunked_logps = config.logps_chunk_tokens is not None and self.logits_are_projected_hidden_states()

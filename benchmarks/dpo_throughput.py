@@ -296,42 +296,22 @@ def interleaved_bare_ratio(
     return ours_seconds / bare_seconds
 
 
-def pack(sequences: list[list[int]], row_tokens: int) -> list[list[list[int]]]:
-    """Sequences placed first-fit, longest first, into rows of at most row_tokens tokens."""
-    rows: list[list[list[int]]] = []
-    for sequence in sorted(sequences, key=len, reverse=True):
-        row = next((r for r in rows if sum(map(len, r)) + len(sequence) <= row_tokens), None)
-        if row is None:
-            rows.append(row := [])
-        row.append(sequence)
-    return rows
-
-
 def bare_inputs(batch: list[dict], layout: str, pad_token_id: int, row_tokens: int) -> dict:
-    """Model inputs of the batch's 2 x pairs sequences.
+    """Model inputs of the batch's 2 x pairs sequences, laid out exactly as our trainer lays them out.
 
-    padded: one sequence per row, right-padded to the longest: input_ids and attention_mask.
-    packed: the sequences packed into rows of row_tokens, position_ids restarting at 0 for each
-    sequence and again for the padding tail; with no attention mask, transformers builds a
-    block-diagonal causal mask from those restarts.
+    padded: one sequence per row, right-padded (input_ids, attention_mask). packed: rows of
+    row_tokens with position ids restarting per sequence (input_ids, position_ids).
     """
-    import torch
+    from preference_datasets import packed_batch, padded_batch
 
-    sequences = [e[f"{side}_input_ids"] for side in ("chosen", "rejected") for e in batch]
-    rows = pack(sequences, row_tokens) if layout == "packed" else [[s] for s in sequences]
-    width = max(sum(map(len, row)) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        row_ids = [token for sequence in row for token in sequence]
-        input_ids[r, :len(row_ids)] = torch.tensor(row_ids)
-        attention_mask[r, :len(row_ids)] = 1
-        positions = [p for sequence in row for p in range(len(sequence))] + list(range(width - len(row_ids)))
-        position_ids[r] = torch.tensor(positions)
+    sides = ("chosen", "rejected")
+    sequences = [e[f"{side}_input_ids"] for side in sides for e in batch]
+    labels = [e[f"{side}_labels"] for side in sides for e in batch]
     if layout == "packed":
-        return {"input_ids": input_ids, "position_ids": position_ids}
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+        packed = packed_batch(sequences, labels, pad_token_id, row_tokens)
+        return {"input_ids": packed["input_ids"], "position_ids": packed["position_ids"]}
+    padded = padded_batch(sequences, labels, pad_token_id)
+    return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
 
 
 class BareStep:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import embedded  # noqa: E402
 from losses import sequence_logps  # noqa: E402
-from preference_datasets import collate, collate_prompts, tokenize_datasets  # noqa: E402
+from preference_datasets import collate_prompts, padded_batch, tokenize_datasets  # noqa: E402
 
 BATCH_SIZE = 64
 
@@ -39,11 +39,12 @@ def last_eval(run_dir: Path) -> dict:
 def preference_accuracy(model, examples: Sequence[dict], pad_token_id: int) -> float:
     wins = 0
     for start in range(0, len(examples), BATCH_SIZE):
-        batch = collate(examples[start:start + BATCH_SIZE], pad_token_id)
+        window = examples[start:start + BATCH_SIZE]
         logps = {}
         for side in ("chosen", "rejected"):
-            logits = model(input_ids=batch[f"{side}_input_ids"], attention_mask=batch[f"{side}_attention_mask"]).logits
-            logps[side], _ = sequence_logps(logits, batch[f"{side}_labels"])
+            batch = padded_batch([e[f"{side}_input_ids"] for e in window], [e[f"{side}_labels"] for e in window], pad_token_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logps[side], _ = sequence_logps(logits, batch["labels"])
         wins += (logps["chosen"] > logps["rejected"]).sum().item()
     return wins / len(examples)
 

@@ -13,30 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from test_training import compose_config, equivalence_overrides, run_in_processes, train_records
-from trainers import packed_batch, padded_batch
 
 PLAIN = ["packing=false", "logps_chunk_tokens=null", "precompute_ref_logps=false"]
 FOUR_STEPS = ["n_examples=32"]  # enough for a wrong gradient to show in later steps' metrics
 METRIC_PREFIXES = ("loss/", "rewards_", "logps_", "grad_norm")
-
-
-def test_packed_batch_places_sequences_with_their_own_positions():
-    sequences = [[5, 6, 7], [8, 9], [1, 2, 3, 4, 5, 6]]
-    labels = [[-100, 6, 7], [-100, 9], [-100, -100, 3, 4, 5, 6]]
-    batch = packed_batch(sequences, labels, pad_token_id=0, row_tokens=6)
-    # longest first, first fit: row 0 holds sequence 2; row 1 holds sequences 0 and 1
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6], [5, 6, 7, 8, 9, 0]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 0]]
-    assert batch["sequence_ids"].tolist() == [[2, 2, 2, 2, 2, 2], [0, 0, 0, 1, 1, -1]]
-    # a sequence's first token is never a label: it would be predicted from the sequence before it
-    assert batch["labels"].tolist() == [[-100, -100, 3, 4, 5, 6], [-100, 6, 7, -100, 9, -100]]
-
-
-def test_padded_batch_right_pads_with_a_mask():
-    batch = padded_batch([[5, 6, 7], [8]], [[-100, 6, 7], [-100]], pad_token_id=0)
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, -100]]
 
 
 def run(tmp_path, name: str, overrides: list[str], n_processes: int = 1) -> tuple[list[dict], dict]:

@@ -33,8 +33,9 @@ from dataset_fixtures import (
 from preference_datasets import (
     DatasetError,
     TokenizedExamples,
-    collate,
     collate_prompts,
+    packed_batch,
+    padded_batch,
     get_dataset,
     html_to_text,
     iterate_batches,
@@ -499,7 +500,9 @@ def test_select_slices_and_index_address_examples_by_position(tmp_path, tokenize
     assert examples[-1] == {**examples[n - 1], "index": n - 1}
     window = examples[1:4]
     assert isinstance(window, TokenizedExamples) and list(window) == list(examples.select([1, 2, 3]))
-    assert all(torch.equal(t, collate(list(window), 0)[k]) for k, t in collate(window, pad_token_id=0).items())
+    as_list = list(window)
+    assert torch.equal(padded_batch([e["chosen_input_ids"] for e in window], [e["chosen_labels"] for e in window], 0)["labels"],
+                       padded_batch([e["chosen_input_ids"] for e in as_list], [e["chosen_labels"] for e in as_list], 0)["labels"])
     with pytest.raises(IndexError):
         examples[n]
     with pytest.raises(IndexError, match="select: positions must lie in"):
@@ -742,22 +745,28 @@ def pair(prompt, chosen, rejected):
     }
 
 
-def test_collate_right_pads_chosen_and_rejected_to_one_length():
-    batch = collate([pair([5, 6], [7], [8, 9, 10]), pair([11], [12, 13], [14])], pad_token_id=0)
-    assert batch["chosen_input_ids"].tolist() == [[5, 6, 7, 0, 0], [11, 12, 13, 0, 0]]
-    assert batch["chosen_attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
-    assert batch["chosen_labels"].tolist() == [[-100, -100, 7, -100, -100], [-100, 12, 13, -100, -100]]
-    assert batch["rejected_input_ids"].tolist() == [[5, 6, 8, 9, 10], [11, 14, 0, 0, 0]]
-    assert batch["rejected_attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
-    assert batch["rejected_labels"].tolist() == [[-100, -100, 8, 9, 10], [-100, 14, -100, -100, -100]]
+def test_padded_batch_right_pads_chosen_and_rejected_to_one_length():
+    pairs = [pair([5, 6], [7], [8, 9, 10]), pair([11], [12, 13], [14])]
+    sides = ("chosen", "rejected")
+    batch = padded_batch([e[f"{s}_input_ids"] for s in sides for e in pairs], [e[f"{s}_labels"] for s in sides for e in pairs], 0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0, 0], [11, 12, 13, 0, 0], [5, 6, 8, 9, 10], [11, 14, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert batch["labels"].tolist() == [
+        [-100, -100, 7, -100, -100], [-100, 12, 13, -100, -100], [-100, -100, 8, 9, 10], [-100, 14, -100, -100, -100]
+    ]
     assert all(t.dtype == torch.long for t in batch.values())
-    assert torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]).shape == (4, 5)
 
 
-def test_collate_of_sft_examples_has_only_chosen_tensors():
-    example = pair([1], [2], [3])
-    del example["rejected_input_ids"], example["rejected_labels"]
-    assert set(collate([example], pad_token_id=0)) == {"chosen_input_ids", "chosen_attention_mask", "chosen_labels"}
+def test_packed_batch_places_sequences_with_their_own_positions():
+    sequences = [[5, 6, 7], [8, 9], [1, 2, 3, 4, 5, 6]]
+    labels = [[-100, 6, 7], [-100, 9], [-100, -100, 3, 4, 5, 6]]
+    batch = packed_batch(sequences, labels, pad_token_id=0, row_tokens=6)
+    # longest first, first fit: row 0 holds sequence 2; row 1 holds sequences 0 and 1
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6], [5, 6, 7, 8, 9, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 0]]
+    assert batch["sequence_ids"].tolist() == [[2, 2, 2, 2, 2, 2], [0, 0, 0, 1, 1, -1]]
+    # a sequence's first token is never a label: it would be predicted from the sequence before it
+    assert batch["labels"].tolist() == [[-100, -100, 3, 4, 5, 6], [-100, 6, 7, -100, 9, -100]]
 
 
 def test_collate_prompts_left_pads_for_generation():
