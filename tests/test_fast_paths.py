@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import trainers
 from test_training import compose_config, equivalence_overrides, run_in_processes, train_records
 
 PLAIN = ["packing=false", "logps_chunk_tokens=null", "precompute_ref_logps=false"]
@@ -38,12 +39,29 @@ def assert_same_training(expected: tuple[list[dict], dict], actual: tuple[list[d
 
 
 @pytest.mark.parametrize("loss", ["sft", "dpo"])
-def test_packed_and_chunked_match_padded_full_logits(loss, tmp_path):
+def test_packed_and_chunked_match_padded_full_logits(loss, tmp_path, monkeypatch):
+    # count which batch layout and which log-prob path the trainer really takes
+    calls = {"packed_batch": 0, "sequence_logps_from_hidden": 0}
+    for name in calls:
+        original = getattr(trainers, name)
+
+        def counting(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(trainers, name, counting)
     base = equivalence_overrides(loss) + FOUR_STEPS
     plain = run(tmp_path, "plain", base + PLAIN)
-    for variant in (["logps_chunk_tokens=7"], ["packing=true", "logps_chunk_tokens=null"], ["packing=true", "logps_chunk_tokens=64"]):
+    assert calls == {"packed_batch": 0, "sequence_logps_from_hidden": 0}
+    for variant, packs, chunks in (
+        (["logps_chunk_tokens=7"], False, True),
+        (["packing=true", "logps_chunk_tokens=null"], True, False),
+        (["packing=true", "logps_chunk_tokens=64"], True, True),
+    ):
+        calls.update(packed_batch=0, sequence_logps_from_hidden=0)
         name = "_".join(v.replace("=", "-") for v in variant)
         assert_same_training(plain, run(tmp_path, name, base + PLAIN + variant), name)
+        assert (calls["packed_batch"] > 0, calls["sequence_logps_from_hidden"] > 0) == (packs, chunks), name
 
 
 def test_precomputed_reference_matches_live_and_is_reused(tmp_path, capsys):
@@ -66,11 +84,20 @@ def test_precomputed_reference_matches_live_and_is_reused(tmp_path, capsys):
     assert evals[0]["rewards_eval/margins"] == 0.0
 
 
-def test_compiled_blocks_match_eager(tmp_path):
+def test_compiled_blocks_match_eager(tmp_path, monkeypatch):
     # the eager backend traces each block with dynamo like inductor does, but compiles in seconds
     base = equivalence_overrides("sft") + FOUR_STEPS
     eager = run(tmp_path, "eager", base)
+    compiled_blocks = []
+    original_compile = torch.nn.Module.compile
+
+    def recording_compile(module, *args, **kwargs):
+        compiled_blocks.append((type(module).__name__, kwargs["backend"]))
+        return original_compile(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", recording_compile)
     compiled = run(tmp_path, "compiled", base + ["compile_backend=eager"])
+    assert compiled_blocks == [("LlamaDecoderLayer", "eager")] * 2, "every block of the 2-layer policy is compiled"
     assert_same_training(eager, compiled, "compiled")
 
 
