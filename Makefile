@@ -6,7 +6,7 @@ PYTHON := $(VENV)/bin/python
 # The CPU build of torch that installs from this pin; on a GPU machine use e.g. `make TORCH=torch`.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test venv clean
+.PHONY: demo test lint venv clean
 
 venv: $(VENV)/.installed
 
@@ -20,7 +20,12 @@ $(VENV)/.installed: requirements.txt
 demo: venv
 	PYTHON=$(PYTHON) scripts/sft_then_dpo.sh
 
-test: venv
+# the linter and formatter settings are in pyproject.toml (line length 120)
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PYTHON) -m pytest -q tests
 
 clean:

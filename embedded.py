@@ -23,7 +23,6 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 TOKENIZER_VOCAB_SIZE = 512
 SLOPPY_RATE = 0.6  # how often the demonstrator names the first number when it is wrong
-EVAL_FRACTION = 0.05  # share of prompts held out as the "test" split
 
 _ANSWER = re.compile(r"The (largest|smallest) is (\d)")
 
@@ -51,16 +50,17 @@ def _all_problems() -> list[tuple[tuple[int, ...], str]]:
     return problems
 
 
-def _is_held_out(prompt: str) -> bool:
+def _is_held_out(prompt: str, eval_fraction: float) -> bool:
     digest = hashlib.sha256(prompt.encode()).digest()
-    return int.from_bytes(digest[:4], "big") / 2**32 < EVAL_FRACTION
+    return int.from_bytes(digest[:4], "big") / 2**32 < eval_fraction
 
 
-def number_preferences(split: str) -> dict[str, dict]:
+def number_preferences(split: str, eval_fraction: float) -> dict[str, dict]:
     """The task in the preference-data contract of preference_datasets.py.
 
     Returns {prompt: {"responses": [...], "pairs": [(preferred, dispreferred)], "sft_target": str}}.
-    "train" and "test" hold disjoint prompts; the content is the same on every call.
+    "train" and "test" hold disjoint prompts (about eval_fraction of them are "test"); the
+    content is the same on every call.
     """
     if split not in ("train", "test"):
         raise ValueError(f"The embedded 'numbers' dataset has splits 'train' and 'test', not {split!r}.")
@@ -72,7 +72,7 @@ def number_preferences(split: str) -> dict[str, dict]:
         sloppy = rng.random() < SLOPPY_RATE
         other_choices = [n for n in numbers if n not in (_correct(numbers, kind), numbers[0])]
         other_wrong = rng.choice(other_choices)
-        if _is_held_out(prompt) != (split == "test"):
+        if _is_held_out(prompt, eval_fraction) != (split == "test"):
             continue
         correct = _correct(numbers, kind)
         wrong = [numbers[0], other_wrong] if numbers[0] != correct else [other_wrong]

@@ -1,7 +1,5 @@
-"""Loading tokenizers and models, and writing checkpoints in the Hugging Face layout."""
+"""Loading tokenizers and models (pretrained, from an earlier stage, or built fresh), and naming their weights."""
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -10,18 +8,14 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 import embedded
+from errors import ModelLoadError
 from utils import DTYPES
-
-TRAINER_STATE_FILE = "trainer_state.pt"
-
-
-class ModelLoadError(RuntimeError):
-    """A model or tokenizer could not be loaded; the message says how to fix it."""
 
 
 def _hub_failure(name_or_path: str, error: Exception) -> ModelLoadError:
     return ModelLoadError(
-        f"Could not load '{name_or_path}' ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}).\n"
+        f"Could not load '{name_or_path}' ({type(error).__name__}: "
+        f"{str(error).splitlines()[0] if str(error) else ''}).\n"
         "If this machine cannot reach the Hugging Face Hub, download the model where it can "
         f"(`huggingface-cli download {name_or_path} --local-dir DIR`) and pass model.name_or_path=DIR "
         "(and model.tokenizer_name_or_path=DIR), or run once online so the Hub cache holds it. "
@@ -89,7 +83,9 @@ def _load_reference_scripts_archive(model: PreTrainedModel, path: Path) -> None:
     """Load the reference scripts' policy.pt ({"state": state_dict, ...}) without unpickling code."""
     archive = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(archive, dict) or "state" not in archive:
-        raise ModelLoadError(f"model.archive={path}: expected a dict with a 'state' entry (the reference scripts' policy.pt).")
+        raise ModelLoadError(
+            f"model.archive={path}: expected a dict with a 'state' entry (the reference scripts' policy.pt)."
+        )
     result = model.load_state_dict(archive["state"], strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in result.missing_keys if k not in tied]
@@ -101,9 +97,7 @@ def _load_reference_scripts_archive(model: PreTrainedModel, path: Path) -> None:
     model.tie_weights()
 
 
-def load_model(
-    model_config: DictConfig, dtype_name: str, tokenizer, max_length: int, seed: int
-) -> PreTrainedModel:
+def load_model(model_config: DictConfig, dtype_name: str, tokenizer, max_length: int, seed: int) -> PreTrainedModel:
     """The policy or reference model: an earlier stage's checkpoint, pretrained weights, or fresh weights.
 
     Models built from scratch draw their weights from `seed`, so two calls give the same model.
@@ -169,37 +163,3 @@ def block_class_name(model: PreTrainedModel, configured: str | None) -> str:
             f"Cannot tell the transformer block class of {type(model).__name__}; set model.block_name."
         )
     return hints[0]
-
-
-def write_checkpoint(
-    checkpoint_dir: Path,
-    tmp_dir: Path,
-    model: PreTrainedModel,
-    state_dict: dict[str, torch.Tensor],
-    tokenizer,
-    trainer_state: dict,
-) -> None:
-    """Complete a checkpoint in `tmp_dir` (Hugging Face model folder plus trainer state), then rename it.
-
-    The rename happens only once everything is written, so a crash mid-save never leaves a
-    half-written folder under the final name, and an older checkpoint of the same name is
-    replaced only by a complete one.
-    """
-    if getattr(model.config, "tie_word_embeddings", False):
-        # a gathered state dict holds tied weights twice; the checkpoint stores them once
-        for key in getattr(model, "_tied_weights_keys", None) or {}:
-            state_dict.pop(key, None)
-    model.save_pretrained(tmp_dir, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(tmp_dir)
-    torch.save(trainer_state, tmp_dir / TRAINER_STATE_FILE)
-    replace_dir(tmp_dir, checkpoint_dir)
-
-
-def replace_dir(new_dir: Path, final_dir: Path) -> None:
-    """Move a complete folder to its final name, replacing an older one only after the move."""
-    old_dir = final_dir.with_name(final_dir.name + ".old")
-    shutil.rmtree(old_dir, ignore_errors=True)
-    if final_dir.exists():
-        os.replace(final_dir, old_dir)
-    os.replace(new_dir, final_dir)
-    shutil.rmtree(old_dir, ignore_errors=True)

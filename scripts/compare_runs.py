@@ -23,8 +23,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import embedded  # noqa: E402
+from batching import collate_prompts, padded_batch  # noqa: E402
 from losses import sequence_logps  # noqa: E402
-from preference_datasets import collate_prompts, padded_batch, tokenize_datasets  # noqa: E402
+from tokenization import tokenize_datasets  # noqa: E402
 
 BATCH_SIZE = 64
 
@@ -39,10 +40,12 @@ def last_eval(run_dir: Path) -> dict:
 def preference_accuracy(model, examples: Sequence[dict], pad_token_id: int) -> float:
     wins = 0
     for start in range(0, len(examples), BATCH_SIZE):
-        window = examples[start:start + BATCH_SIZE]
+        window = examples[start : start + BATCH_SIZE]
         logps = {}
         for side in ("chosen", "rejected"):
-            batch = padded_batch([e[f"{side}_input_ids"] for e in window], [e[f"{side}_labels"] for e in window], pad_token_id)
+            batch = padded_batch(
+                [e[f"{side}_input_ids"] for e in window], [e[f"{side}_labels"] for e in window], pad_token_id
+            )
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             logps[side], _ = sequence_logps(logits, batch["labels"])
         wins += (logps["chosen"] > logps["rejected"]).sum().item()
@@ -54,13 +57,16 @@ def answers_correct(model, tokenizer, examples: Sequence[dict]) -> float:
     prompts = list({e["prompt"]: e for e in examples}.values())
     correct = 0
     for start in range(0, len(prompts), BATCH_SIZE):
-        chunk = prompts[start:start + BATCH_SIZE]
+        chunk = prompts[start : start + BATCH_SIZE]
         batch = collate_prompts(chunk, tokenizer.pad_token_id)
         out = model.generate(
-            input_ids=batch["prompt_input_ids"], attention_mask=batch["prompt_attention_mask"],
-            max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            input_ids=batch["prompt_input_ids"],
+            attention_mask=batch["prompt_attention_mask"],
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
         )
-        texts = tokenizer.batch_decode(out[:, batch["prompt_input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = tokenizer.batch_decode(out[:, batch["prompt_input_ids"].shape[1] :], skip_special_tokens=True)
         correct += sum(embedded.score_completion(e["prompt"], t) for e, t in zip(chunk, texts))
     return correct / len(prompts)
 
@@ -69,20 +75,28 @@ def main(sft_dir: Path, dpo_dir: Path) -> None:
     config = OmegaConf.load(dpo_dir / "config.yaml")
     tokenizer = AutoTokenizer.from_pretrained(dpo_dir / "LATEST")
     examples, _ = tokenize_datasets(
-        list(config.datasets), "test", tokenizer, max_length=config.max_length,
-        max_prompt_length=config.max_prompt_length, sft_mode=False, dataset_paths=config.dataset_paths, silent=True,
+        list(config.datasets),
+        "test",
+        tokenizer,
+        max_length=config.max_length,
+        max_prompt_length=config.max_prompt_length,
+        sft_mode=False,
+        dataset_paths=config.dataset_paths,
+        silent=True,
     )
     task_is_numbers = list(config.datasets) == ["numbers"]
     rows = []
     for label, run_dir in (("SFT", sft_dir), ("DPO", dpo_dir)):
         model = AutoModelForCausalLM.from_pretrained(run_dir / "LATEST", dtype=torch.float32).eval()
         reward_accuracy = last_eval(run_dir).get("rewards_eval/accuracies")
-        rows.append((
-            label,
-            f"{preference_accuracy(model, examples, tokenizer.pad_token_id):.3f}",
-            "-" if reward_accuracy is None else f"{reward_accuracy:.3f}",
-            f"{answers_correct(model, tokenizer, examples):.3f}" if task_is_numbers else "n/a",
-        ))
+        rows.append(
+            (
+                label,
+                f"{preference_accuracy(model, examples, tokenizer.pad_token_id):.3f}",
+                "-" if reward_accuracy is None else f"{reward_accuracy:.3f}",
+                f"{answers_correct(model, tokenizer, examples):.3f}" if task_is_numbers else "n/a",
+            )
+        )
     header = ("model", "preference accuracy", "reward accuracy", "answers correct")
     print(f"\nheld-out: {len(examples)} pairs of {list(config.datasets)}")
     print("| " + " | ".join(header) + " |")

@@ -27,7 +27,9 @@ BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<s>", "</s>", "<pad>"
 
 def _write_download_leftovers(root: Path, files: list[str]) -> None:
     """What `hf download --local-dir` writes besides the files: metadata that loaders must ignore."""
-    (root / ".gitattributes").write_text("*.parquet filter=lfs diff=lfs merge=lfs -text\n*.gz filter=lfs diff=lfs merge=lfs -text\n")
+    (root / ".gitattributes").write_text(
+        "*.parquet filter=lfs diff=lfs merge=lfs -text\n*.gz filter=lfs diff=lfs merge=lfs -text\n"
+    )
     cache = root / ".cache" / "huggingface"
     (cache / "download").mkdir(parents=True, exist_ok=True)
     (cache / ".gitignore").write_text("*\n")
@@ -91,7 +93,15 @@ def write_hh_repo(root: Path, rows: dict[tuple[str, str], list[dict]]) -> Path:
 # ----- stanfordnlp/SHP ---------------------------------------------------------------
 
 
-def shp_row(history: str, ref_a: str, ref_b: str, score_a: int, score_b: int, post_id: str = "t3_abc", domain: str = "askacademia_train") -> dict:
+def shp_row(
+    history: str,
+    ref_a: str,
+    ref_b: str,
+    score_a: int,
+    score_b: int,
+    post_id: str = "t3_abc",
+    domain: str = "askacademia_train",
+) -> dict:
     """A row with every SHP field; labels and score_ratio follow from the scores as in SHP."""
     return {
         "post_id": post_id,
@@ -179,7 +189,9 @@ def write_se_repo(root: Path, rows: dict[str, list[dict]]) -> Path:
         pq.write_table(pa.Table.from_pylist(site_rows, schema=SE_SCHEMA), root / file)
         files.append(file)
     (root / "stack_exchanges.json").write_text(json.dumps({"stats.stackexchange.com": 1, "Stackoverflow.com": 2}))
-    (root / "README.md").write_text("---\nlicense: cc-by-sa-4.0\ntask_categories:\n- question-answering\n---\n# H4 Stack Exchange Preferences\n")
+    (root / "README.md").write_text(
+        "---\nlicense: cc-by-sa-4.0\ntask_categories:\n- question-answering\n---\n# H4 Stack Exchange Preferences\n"
+    )
     _write_download_leftovers(root, files + ["stack_exchanges.json"])
     return root
 
@@ -223,4 +235,6 @@ def byte_tokenizer(adds_bos: bool = False, n_merges: int = 0) -> PreTrainedToken
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A $B", special_tokens=[(BOS_TOKEN, bos_id)]
         )
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN
+    )

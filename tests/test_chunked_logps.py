@@ -11,7 +11,9 @@ from losses import IGNORE_INDEX, label_logps_chunked, sequence_logps, sequence_l
 VOCAB, HIDDEN = 50, 16
 
 
-def plain_label_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+def plain_label_logps(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+) -> torch.Tensor:
     """The computation label_logps_chunked replaces: full (n_tokens, vocab) float32 logits."""
     logits = torch.nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
     return logits.log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1)
@@ -19,11 +21,17 @@ def plain_label_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 def leaf_inputs(n_tokens: int, with_bias: bool, dtype: torch.dtype = torch.float32) -> list[torch.Tensor | None]:
     """Random hidden (n_tokens, HIDDEN), weight (VOCAB, HIDDEN) and bias (VOCAB,) leaves."""
-    tensors = [torch.randn(n_tokens, HIDDEN), torch.randn(VOCAB, HIDDEN) / HIDDEN**0.5, torch.randn(VOCAB) if with_bias else None]
+    tensors = [
+        torch.randn(n_tokens, HIDDEN),
+        torch.randn(VOCAB, HIDDEN) / HIDDEN**0.5,
+        torch.randn(VOCAB) if with_bias else None,
+    ]
     return [None if t is None else t.to(dtype).requires_grad_() for t in tensors]
 
 
-def gradients(output: torch.Tensor, upstream: torch.Tensor, inputs: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+def gradients(
+    output: torch.Tensor, upstream: torch.Tensor, inputs: list[torch.Tensor | None]
+) -> list[torch.Tensor | None]:
     """d(output . upstream) / d input for each input that is not None."""
     present = [t for t in inputs if t is not None]
     grads = iter(torch.autograd.grad(output, present, upstream))
@@ -94,7 +102,9 @@ def test_label_logps_chunked_bf16_is_float32_with_input_dtype_gradients():
     float_inputs = [t.detach().float().requires_grad_() for t in inputs]
     plain = plain_label_logps(*float_inputs, targets)
     torch.testing.assert_close(chunked, plain, atol=1e-4, rtol=0)
-    for chunked_grad, plain_grad, leaf in zip(gradients(chunked, upstream, inputs), gradients(plain, upstream, float_inputs), inputs):
+    for chunked_grad, plain_grad, leaf in zip(
+        gradients(chunked, upstream, inputs), gradients(plain, upstream, float_inputs), inputs
+    ):
         assert chunked_grad.dtype == leaf.dtype == torch.bfloat16
         torch.testing.assert_close(chunked_grad.float(), plain_grad, atol=2e-2, rtol=1e-2)
 
@@ -124,7 +134,9 @@ def test_sequence_logps_from_hidden_matches_full_logits(average):
     assert chunked_counts.tolist() == plain_counts.tolist() == [5, 2, 5, 0]
     assert chunked[3].item() == 0.0
     torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=0)
-    for chunked_grad, plain_grad in zip(gradients(chunked, upstream, [hidden, weight]), gradients(plain, upstream, [hidden, weight])):
+    for chunked_grad, plain_grad in zip(
+        gradients(chunked, upstream, [hidden, weight]), gradients(plain, upstream, [hidden, weight])
+    ):
         torch.testing.assert_close(chunked_grad, plain_grad, atol=1e-5, rtol=0)
 
 
@@ -155,7 +167,9 @@ def test_packed_rows_match_unpacked_sequences():
             hidden, weight, None, labels, chunk_tokens=3, average=average, sequence_ids=sequence_ids, n_sequences=5
         )
         for index, (piece_hidden, piece_labels) in enumerate(pieces):
-            alone, alone_count = sequence_logps(piece_hidden.unsqueeze(0) @ weight.T, piece_labels.unsqueeze(0), average=average)
+            alone, alone_count = sequence_logps(
+                piece_hidden.unsqueeze(0) @ weight.T, piece_labels.unsqueeze(0), average=average
+            )
             assert packed_counts[index].item() == alone_count.item()
             assert packed[index].item() == pytest.approx(alone.item(), abs=1e-5)
 
@@ -172,15 +186,37 @@ def test_sequence_count_must_fit_the_rows():
 
 
 def tiny_llama() -> torch.nn.Module:
-    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                         attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        attn_implementation="sdpa",
+    )
     return LlamaForCausalLM(config)
 
 
 def tiny_gpt2() -> torch.nn.Module:
-    config = GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2,
-                        pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
+    config = GPT2Config(
+        vocab_size=300,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        attn_implementation="sdpa",
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -203,8 +239,12 @@ def test_real_model_hidden_states_match_full_logits(build_model, tied):
     plain, _ = sequence_logps(logits, labels)
     plain_grads = torch.autograd.grad(plain, parameters, upstream, allow_unused=True)
 
-    outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-    chunked, _ = sequence_logps_from_hidden(outputs.hidden_states[-1], projection.weight, projection.bias, labels, chunk_tokens=5)
+    outputs = model(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True, logits_to_keep=1
+    )
+    chunked, _ = sequence_logps_from_hidden(
+        outputs.hidden_states[-1], projection.weight, projection.bias, labels, chunk_tokens=5
+    )
     chunked_grads = torch.autograd.grad(chunked, parameters, upstream, allow_unused=True)
 
     torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=0)
@@ -236,4 +276,6 @@ def test_chunked_path_saves_no_full_logits():
     full_logits = n_tokens * vocab
     # the hook does see the logits of the plain computation, so the check below can fail
     assert largest_saved_tensor(lambda: plain_label_logps(hidden, weight, None, targets)) >= full_logits
-    assert largest_saved_tensor(lambda: label_logps_chunked(hidden, weight, None, targets, chunk_tokens=128)) < full_logits
+    assert (
+        largest_saved_tensor(lambda: label_logps_chunked(hidden, weight, None, targets, chunk_tokens=128)) < full_logits
+    )

@@ -1,15 +1,14 @@
 """Every config file composes, the seed's commands compose, and bad configs fail early and clearly."""
 
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from utils import ConfigError, validate_config
+from config_checks import validate_config
+from errors import ConfigError
+from train import CONFIG_DIR
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 MODEL_FILES = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
 LOSS_FILES = sorted(p.stem for p in (CONFIG_DIR / "loss").glob("*.yaml"))
 
@@ -17,7 +16,8 @@ SEED_COMMANDS = [
     "model=pythia28 datasets=[hh] loss=sft exp_name=my_experiment gradient_accumulation_steps=2 batch_size=64 "
     "eval_batch_size=32 trainer=FSDPTrainer sample_during_eval=false",
     "model=pythia28 datasets=[hh] loss=dpo loss.beta=0.1 exp_name=my_experiment gradient_accumulation_steps=2 "
-    "batch_size=64 eval_batch_size=32 trainer=FSDPTrainer sample_during_eval=false model.archive=/path/to/sft/checkpoint",
+    "batch_size=64 eval_batch_size=32 trainer=FSDPTrainer sample_during_eval=false "
+    "model.archive=/path/to/sft/checkpoint",
     "model=pythia28 model.fsdp_policy_mp=bfloat16 activation_checkpointing=true trainer=FSDPTrainer",
     "loss=ipo loss.beta=0.5",
     "loss=dpo loss.label_smoothing=0.2",
@@ -27,11 +27,6 @@ SEED_COMMANDS = [
     "max_grad_norm=1.0 max_length=256 max_prompt_length=128 seed=1 wandb.enabled=true wandb.mode=offline "
     "local_dirs=[/tmp/runs] debug=true",
 ]
-
-
-def compose_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return compose(config_name="config", overrides=overrides)
 
 
 @pytest.mark.parametrize("model", MODEL_FILES)
@@ -66,22 +61,40 @@ def test_misspelt_override_is_rejected():
 
 
 def test_all_problems_reported_at_once(tmp_path):
-    config = compose_config([
-        "loss=dpo", "loss.beta=0", "loss.label_smoothing=0.5", "max_prompt_length=600", "max_length=512",
-        "batch_size=10", "gradient_accumulation_steps=4", "optimizer=Adagrad",
-        f"model.archive={tmp_path / 'missing'}", "datasets=[nonesuch]",
-    ])
+    config = compose_config(
+        [
+            "loss=dpo",
+            "loss.beta=0",
+            "loss.label_smoothing=0.5",
+            "max_prompt_length=600",
+            "max_length=512",
+            "batch_size=10",
+            "gradient_accumulation_steps=4",
+            "optimizer=Adagrad",
+            f"model.archive={tmp_path / 'missing'}",
+            "datasets=[nonesuch]",
+        ]
+    )
     with pytest.raises(ConfigError) as error:
         validate_config(config, world_size=1)
     message = str(error.value)
-    for expected in ["loss.beta=0", "loss.label_smoothing=0.5", "max_prompt_length=600", "batch_size=10",
-                     "optimizer=Adagrad", "model.archive=", "nonesuch"]:
+    for expected in [
+        "loss.beta=0",
+        "loss.label_smoothing=0.5",
+        "max_prompt_length=600",
+        "batch_size=10",
+        "optimizer=Adagrad",
+        "model.archive=",
+        "nonesuch",
+    ]:
         assert expected in message
     assert len(error.value.problems) == 7
 
 
 def test_batch_must_split_over_ranks_and_accumulation():
-    config = compose_config(["trainer=FSDPTrainer", "batch_size=32", "gradient_accumulation_steps=4", "eval_batch_size=64"])
+    config = compose_config(
+        ["trainer=FSDPTrainer", "batch_size=32", "gradient_accumulation_steps=4", "eval_batch_size=64"]
+    )
     validate_config(config, world_size=2)
     with pytest.raises(ConfigError, match="batch_size=32"):
         validate_config(config, world_size=3)

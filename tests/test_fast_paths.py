@@ -10,10 +10,10 @@ import json
 
 import pytest
 import torch
+from conftest import compose_config, equivalence_overrides, run_in_processes, train_records
 from safetensors.torch import load_file
 
 import trainers
-from test_training import compose_config, equivalence_overrides, run_in_processes, train_records
 
 PLAIN = ["packing=false", "logps_chunk_tokens=null", "precompute_ref_logps=false"]
 FOUR_STEPS = ["n_examples=32"]  # enough for a wrong gradient to show in later steps' metrics
@@ -80,7 +80,8 @@ def test_precomputed_reference_matches_live_and_is_reused(tmp_path, capsys):
     assert "reference model: False" in second_output, "a cache hit must not load the reference model"
     assert_same_training(live, again, "from cache")
     # eval metrics (the first eval is before any step: rewards exactly 0) match too
-    evals = [json.loads(l) for l in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines() if "loss/eval" in l]
+    lines = (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()
+    evals = [json.loads(line) for line in lines if "loss/eval" in line]
     assert evals[0]["rewards_eval/margins"] == 0.0
 
 

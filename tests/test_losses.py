@@ -32,27 +32,40 @@ def test_dpo_margins_match_minus_logsigmoid():
 
 def test_rewards_are_beta_times_log_ratios_and_detached():
     policy_chosen = torch.tensor([-1.0], requires_grad=True)
-    losses, chosen, rejected = preference_loss(policy_chosen, torch.tensor([-4.0]), torch.tensor([-2.0]), torch.tensor([-3.0]), beta=0.5)
+    losses, chosen, rejected = preference_loss(
+        policy_chosen, torch.tensor([-4.0]), torch.tensor([-2.0]), torch.tensor([-3.0]), beta=0.5
+    )
     assert chosen.item() == pytest.approx(0.5) and rejected.item() == pytest.approx(-0.5)
     assert not chosen.requires_grad and losses.requires_grad
 
 
 def test_conservative_dpo_mixes_both_directions():
     eps, beta, h = 0.2, 0.1, 10.0
-    losses, _, _ = preference_loss(torch.tensor([h]), torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=beta, label_smoothing=eps)
+    losses, _, _ = preference_loss(
+        torch.tensor([h]), torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=beta, label_smoothing=eps
+    )
     expected = -(1 - eps) * logsigmoid(beta * h) - eps * logsigmoid(-beta * h)
     assert losses.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_ipo_is_squared_distance_to_target_margin():
     # h = (-1 - -3) - (-2 - -2) = 2; beta 0.25 -> target 2; loss 0.  h = 0 -> loss 4
-    losses, _, _ = preference_loss(torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -2.0]), torch.tensor([-2.0, -2.0]), torch.tensor([-2.0, -2.0]), beta=0.25, ipo=True)
+    losses, _, _ = preference_loss(
+        torch.tensor([-1.0, -2.0]),
+        torch.tensor([-3.0, -2.0]),
+        torch.tensor([-2.0, -2.0]),
+        torch.tensor([-2.0, -2.0]),
+        beta=0.25,
+        ipo=True,
+    )
     assert torch.allclose(losses, torch.tensor([0.0, 4.0]))
 
 
 def test_reference_free_ignores_the_reference():
     policy_chosen, policy_rejected = torch.tensor([-1.0]), torch.tensor([-2.0])
-    free, _, _ = preference_loss(policy_chosen, policy_rejected, torch.tensor([5.0]), torch.tensor([-9.0]), beta=1.0, reference_free=True)
+    free, _, _ = preference_loss(
+        policy_chosen, policy_rejected, torch.tensor([5.0]), torch.tensor([-9.0]), beta=1.0, reference_free=True
+    )
     assert free.item() == pytest.approx(-logsigmoid(1.0))
 
 

@@ -17,8 +17,6 @@ import time
 import numpy as np
 import pytest
 import torch
-
-import preference_datasets
 from dataset_fixtures import (
     byte_tokenizer,
     hh_prompt,
@@ -30,20 +28,13 @@ from dataset_fixtures import (
     write_se_repo,
     write_shp_repo,
 )
-from preference_datasets import (
-    DatasetError,
-    TokenizedExamples,
-    collate_prompts,
-    packed_batch,
-    padded_batch,
-    get_dataset,
-    html_to_text,
-    iterate_batches,
-    load_preference_file,
-    tokenize_datasets,
-    tokenize_element,
-    truncation_mode_for,
-)
+
+import preference_datasets
+from batching import collate_prompts, iterate_batches, packed_batch, padded_batch
+from data_sources import html_to_text
+from errors import DatasetError
+from preference_datasets import get_dataset, load_preference_file, truncation_mode_for
+from tokenization import TokenizedExamples, tokenize_datasets, tokenize_element
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +64,10 @@ def write_hh(root):
     return write_hh_repo(
         root,
         {
-            ("harmless-base", "train"): [hh_row(SHARED, " Mittens.", " No."), hh_row(ALONE, " Put it in boiling water.", " Why?")],
+            ("harmless-base", "train"): [
+                hh_row(SHARED, " Mittens.", " No."),
+                hh_row(ALONE, " Put it in boiling water.", " Why?"),
+            ],
             ("helpful-base", "train"): [hh_row(SHARED, " Felix or Tom.", " Cats are bad.")],
             ("helpful-online", "test"): [hh_row(TEST_PROMPT, " Yes, by day.", " No.")],
         },
@@ -82,7 +76,9 @@ def write_hh(root):
 
 def test_hh_from_a_local_copy_splits_dialogues_at_the_last_assistant_turn(tmp_path):
     hh_dir = write_hh(tmp_path / "hh-rlhf")
-    train = get_dataset("hh", "train", silent=True, cache_dir=str(tmp_path / "cache"), dataset_paths={"hh": str(hh_dir)})
+    train = get_dataset(
+        "hh", "train", silent=True, cache_dir=str(tmp_path / "cache"), dataset_paths={"hh": str(hh_dir)}
+    )
     # rows sharing a prompt (here across subsets) append their responses; the red-team file is not read
     assert train == {
         SHARED: {
@@ -90,7 +86,11 @@ def test_hh_from_a_local_copy_splits_dialogues_at_the_last_assistant_turn(tmp_pa
             "pairs": [(0, 1), (2, 3)],
             "sft_target": " Felix or Tom.",
         },
-        ALONE: {"responses": [" Put it in boiling water.", " Why?"], "pairs": [(0, 1)], "sft_target": " Put it in boiling water."},
+        ALONE: {
+            "responses": [" Put it in boiling water.", " Why?"],
+            "pairs": [(0, 1)],
+            "sft_target": " Put it in boiling water.",
+        },
     }
     assert SHARED.endswith("\n\nHuman: Any others?\n\nAssistant:") and SHARED.count("\n\nAssistant:") == 2
     test = get_dataset("hh", "test", silent=True, cache_dir=str(tmp_path / "cache"), dataset_paths={"hh": str(hh_dir)})
@@ -98,11 +98,17 @@ def test_hh_from_a_local_copy_splits_dialogues_at_the_last_assistant_turn(tmp_pa
 
 
 def test_hh_skips_rows_whose_conversations_differ_before_the_last_turn(tmp_path, capsys):
-    bad = {"chosen": hh_prompt([("Hi", " Hello.")], "Bye") + " Bye!", "rejected": hh_prompt([("Hi", " Go away.")], "Bye") + " Bye!"}
+    bad = {
+        "chosen": hh_prompt([("Hi", " Hello.")], "Bye") + " Bye!",
+        "rejected": hh_prompt([("Hi", " Go away.")], "Bye") + " Bye!",
+    }
     hh_dir = write_hh_repo(tmp_path / "hh-rlhf", {("harmless-base", "train"): [hh_row(ALONE, " A.", " B."), bad]})
     data = get_dataset("hh", "train", cache_dir=str(tmp_path / "cache"), dataset_paths={"hh": str(hh_dir)})
     assert list(data) == [ALONE]
-    assert "skipped 1 row(s) because its rejected conversation differs before the last Assistant turn (row indices 1)" in capsys.readouterr().out
+    assert (
+        "skipped 1 row(s) because its rejected conversation differs before the last Assistant turn (row indices 1)"
+        in capsys.readouterr().out
+    )
 
 
 # ----- SHP -----------------------------------------------------------------------------------
@@ -117,7 +123,9 @@ def test_shp_keeps_pairs_with_score_ratio_at_least_2_and_deduplicates_responses(
                 shp_row(history, "Read papers.", "Read novels.", 30, 10),
                 shp_row(history, "Read novels.", "Sleep instead.", 10, 40),  # B preferred; "Read novels." again
                 shp_row(history, "Read papers.", "Nothing.", 30, 20),  # ratio 1.5: dropped
-                shp_row(history, "Read papers.", "Nothing.", 90, 30),  # another comment with the same text, scored higher
+                shp_row(
+                    history, "Read papers.", "Nothing.", 90, 30
+                ),  # another comment with the same text, scored higher
                 shp_row("Too close to call?", "Yes.", "No.", 5, 4),  # only pair dropped: prompt omitted
             ],
             ("askphysics", "train"): [shp_row("Why is the sky blue?", "Rayleigh scattering.", "Magic.", 8, 2)],
@@ -150,7 +158,9 @@ def test_shp_computes_the_score_ratio_when_the_field_is_absent(tmp_path):
     for row in rows:
         del row["score_ratio"]
     shp_dir = write_shp_repo(tmp_path / "SHP", {("askculinary", "train"): rows})
-    data = get_dataset("shp", "train", silent=True, cache_dir=str(tmp_path / "cache"), dataset_paths={"shp": str(shp_dir)})
+    data = get_dataset(
+        "shp", "train", silent=True, cache_dir=str(tmp_path / "cache"), dataset_paths={"shp": str(shp_dir)}
+    )
     assert list(data) == ["\n\nHuman: Q1?\n\nAssistant:"]
 
 
@@ -164,21 +174,32 @@ def test_html_to_text_keeps_text_and_turns_blocks_into_line_breaks():
         "<ul>\n<li>first</li>\n<li>second<br>line</li>\n<li><p>third</p></li>\n</ul>\n<p>Thanks!</p>"
     )
     assert html_to_text(html) == (
-        "I fit a model with lm() & got:\n\nfit <- lm(y ~ x)\n  summary(fit)\n\n- first\n- second\nline\n- third\n\nThanks!"
+        "I fit a model with lm() & got:\n\nfit <- lm(y ~ x)\n  summary(fit)\n\n"
+        "- first\n- second\nline\n- third\n\nThanks!"
     )
 
 
 def write_se(root, n_questions: int):
     rows = [
-        se_row(i, f"<p>Question {i}?</p>", [(f"<p>Answer {i}a</p>", 3), (f"<p>Answer {i}b</p>", 1), (f"<p>Answer {i}c</p>", 1)])
+        se_row(
+            i,
+            f"<p>Question {i}?</p>",
+            [(f"<p>Answer {i}a</p>", 3), (f"<p>Answer {i}b</p>", 1), (f"<p>Answer {i}c</p>", 1)],
+        )
         for i in range(n_questions)
     ]
-    return write_se_repo(root, {"stats.stackexchange.com": rows[: n_questions // 2], "Stackoverflow.com": rows[n_questions // 2:]})
+    return write_se_repo(
+        root, {"stats.stackexchange.com": rows[: n_questions // 2], "Stackoverflow.com": rows[n_questions // 2 :]}
+    )
 
 
 def test_se_pairs_answers_with_different_scores_from_plain_text(tmp_path):
     rows = [
-        se_row(1, "<p>How do I <em>center</em> a div?</p>", [("<p>Use flexbox.</p>", 2), ("<p>Use a table.</p>", 0), ("<p>Margins.</p>", 2)]),
+        se_row(
+            1,
+            "<p>How do I <em>center</em> a div?</p>",
+            [("<p>Use flexbox.</p>", 2), ("<p>Use a table.</p>", 0), ("<p>Margins.</p>", 2)],
+        ),
         se_row(2, "<p>Is this a tie?</p>", [("<p>Yes.</p>", 1), ("<p>No.</p>", 1)]),
     ]
     se_dir = write_se_repo(tmp_path / "se", {"webmasters.stackexchange.com": rows})
@@ -214,7 +235,10 @@ def test_se_holds_out_the_first_percent_of_the_seed_42_shuffle(tmp_path):
 
 @pytest.mark.parametrize(
     ("name", "source", "hub_id"),
-    [("hh", "example-org/hh-mirror", "Anthropic/hh-rlhf"), ("se", "example-org/se-mirror", "HuggingFaceH4/stack-exchange-preferences")],
+    [
+        ("hh", "example-org/hh-mirror", "Anthropic/hh-rlhf"),
+        ("se", "example-org/se-mirror", "HuggingFaceH4/stack-exchange-preferences"),
+    ],
 )
 def test_unreachable_hub_fails_fast_with_the_way_out(tmp_path, name, source, hub_id):
     # sources no Hub cache holds, so the test means the same on every machine
@@ -225,7 +249,10 @@ def test_unreachable_hub_fails_fast_with_the_way_out(tmp_path, name, source, hub
     message = str(error.value)
     assert f"Could not load dataset '{name}' from '{source}'" in message
     assert "cannot reach the Hugging Face Hub" in message
-    assert f"hf download --repo-type dataset {hub_id} --local-dir DIR" in message and f"dataset_paths.{name}=DIR" in message
+    assert (
+        f"hf download --repo-type dataset {hub_id} --local-dir DIR" in message
+        and f"dataset_paths.{name}=DIR" in message
+    )
 
 
 def test_missing_local_copy_names_the_setting(tmp_path):
@@ -235,7 +262,9 @@ def test_missing_local_copy_names_the_setting(tmp_path):
 
 def test_local_copy_of_another_dataset_is_reported(tmp_path):
     shp_dir = write_shp_repo(tmp_path / "SHP", {("askacademia", "train"): [shp_row("Q?", "A.", "B.", 9, 3)]})
-    with pytest.raises(DatasetError, match=r"Dataset 'hh' from .*lacks \['chosen', 'rejected'\]. Is this a copy of Anthropic/hh-rlhf"):
+    with pytest.raises(
+        DatasetError, match=r"Dataset 'hh' from .*lacks \['chosen', 'rejected'\]. Is this a copy of Anthropic/hh-rlhf"
+    ):
         get_dataset("hh", "train", silent=True, cache_dir=str(tmp_path / "cache"), dataset_paths={"hh": str(shp_dir)})
 
 
@@ -262,7 +291,11 @@ def test_user_file_holds_out_a_deterministic_disjoint_slice(tmp_path, suffix):
     assert len(test) == 2 and len(train) == 38  # 5% of 40 prompts
     assert not set(train) & set(test) and set(train) | set(test) == {row["prompt"] for row in rows}
     both = {**train, **test}
-    assert both["Q0?"] == {"responses": [" good 0", " bad 0", " worse 0"], "pairs": [(0, 1), (0, 2)], "sft_target": " good 0"}
+    assert both["Q0?"] == {
+        "responses": [" good 0", " bad 0", " worse 0"],
+        "pairs": [(0, 1), (0, 2)],
+        "sft_target": " good 0",
+    }
     assert both["Q1?"] == {"responses": [" good 1", " bad 1"], "pairs": [(0, 1)], "sft_target": " good 1"}
     assert list(train) == [p for p in (row["prompt"] for row in rows[:40]) if p in train]  # file order
     # the held-out prompts do not depend on the order of the rows
@@ -287,10 +320,22 @@ def test_held_out_slice_has_at_least_one_prompt_when_possible(tmp_path, n_prompt
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"\n', r"bad.jsonl, line 2: not valid JSON"),
-        ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n{"prompt": "a", "chosen": "b"}\n', r"bad.jsonl, line 3: field 'rejected' is missing"),
-        ('{"prompt": "a", "chosen": "", "rejected": "c"}\n', r"bad.jsonl, line 1: field 'chosen' must be a non-empty string, not ''"),
-        ('{"prompt": 3, "chosen": "b", "rejected": "c"}\n', r"bad.jsonl, line 1: field 'prompt' must be a non-empty string, not 3"),
+        (
+            '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"\n',
+            r"bad.jsonl, line 2: not valid JSON",
+        ),
+        (
+            '{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n{"prompt": "a", "chosen": "b"}\n',
+            r"bad.jsonl, line 3: field 'rejected' is missing",
+        ),
+        (
+            '{"prompt": "a", "chosen": "", "rejected": "c"}\n',
+            r"bad.jsonl, line 1: field 'chosen' must be a non-empty string, not ''",
+        ),
+        (
+            '{"prompt": 3, "chosen": "b", "rejected": "c"}\n',
+            r"bad.jsonl, line 1: field 'prompt' must be a non-empty string, not 3",
+        ),
         ('["a", "b"]\n', r"bad.jsonl, line 1: expected a JSON object"),
     ],
 )
@@ -339,7 +384,10 @@ def test_a_get_function_added_to_the_module_is_a_dataset(monkeypatch):
 @pytest.mark.parametrize(
     ("entry", "problem"),
     [
-        ({"responses": ["a", "b"], "pairs": [(0, 2)], "sft_target": "a"}, r"pair \(0, 2\) is not two different indices into its 2 responses"),
+        (
+            {"responses": ["a", "b"], "pairs": [(0, 2)], "sft_target": "a"},
+            r"pair \(0, 2\) is not two different indices into its 2 responses",
+        ),
         ({"responses": ["a", "b"], "pairs": [(1, 1)], "sft_target": "a"}, r"pair \(1, 1\) is not two different"),
         ({"responses": ["a", 7], "pairs": [], "sft_target": "a"}, "responses must be a list of strings"),
         ({"responses": ["a"], "pairs": []}, r"the entry lacks \['sft_target'\]"),
@@ -369,7 +417,11 @@ def test_truncation_mode_keeps_the_end_of_hh_dialogues_only():
 
 def test_tokenize_element_appends_eos_and_masks_the_prompt(tokenizer):
     element = tokenize_element("\n\nHuman: hi\n\nAssistant:", " hello", " go away", "keep_start", tokenizer, 512, 256)
-    prompt, chosen, rejected = ids(tokenizer, "\n\nHuman: hi\n\nAssistant:"), ids(tokenizer, " hello"), ids(tokenizer, " go away")
+    prompt, chosen, rejected = (
+        ids(tokenizer, "\n\nHuman: hi\n\nAssistant:"),
+        ids(tokenizer, " hello"),
+        ids(tokenizer, " go away"),
+    )
     eos = tokenizer.eos_token_id
     assert element["prompt_input_ids"] == prompt
     assert element["chosen_input_ids"] == prompt + chosen + [eos]
@@ -377,9 +429,18 @@ def test_tokenize_element_appends_eos_and_masks_the_prompt(tokenizer):
     assert element["rejected_input_ids"] == prompt + rejected + [eos]
     assert element["rejected_labels"] == [-100] * len(prompt) + rejected + [eos]
     assert element["prompt"] == "\n\nHuman: hi\n\nAssistant:"
-    assert set(element) == {"prompt", "prompt_input_ids", "chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}
+    assert set(element) == {
+        "prompt",
+        "prompt_input_ids",
+        "chosen_input_ids",
+        "chosen_labels",
+        "rejected_input_ids",
+        "rejected_labels",
+    }
     sft = tokenize_element("Q", " A", None, "keep_start", tokenizer, 512, 256)
-    assert "rejected_input_ids" not in sft and sft["chosen_input_ids"] == ids(tokenizer, "Q") + ids(tokenizer, " A") + [eos]
+    assert "rejected_input_ids" not in sft and sft["chosen_input_ids"] == ids(tokenizer, "Q") + ids(tokenizer, " A") + [
+        eos
+    ]
 
 
 def test_bos_is_prepended_to_prompts_only_when_the_tokenizer_adds_it(tokenizer, bos_tokenizer):
@@ -406,7 +467,9 @@ PROMPT, CHOSEN, REJECTED = "abcdefghij", "12345", "xy"
         ("keep_end", 6, 4, "ghij", "12", False),  # responses cut to 2 tokens
     ],
 )
-def test_truncation_shortens_the_prompt_first_then_the_responses(tokenizer, mode, max_length, max_prompt_length, prompt, chosen, rejected_eos):
+def test_truncation_shortens_the_prompt_first_then_the_responses(
+    tokenizer, mode, max_length, max_prompt_length, prompt, chosen, rejected_eos
+):
     element = tokenize_element(PROMPT, CHOSEN, REJECTED, mode, tokenizer, max_length, max_prompt_length)
     eos = tokenizer.eos_token_id
     chosen_ids = ids(tokenizer, chosen) + ([eos] if chosen == CHOSEN else [])
@@ -455,7 +518,9 @@ def test_tokenize_datasets_makes_one_example_per_pair_or_per_prompt(tmp_path, to
     assert n_dropped == 1
     expected = [(r["prompt"], r["chosen"], r["rejected"]) for r in rows if r["prompt"] in data and r["prompt"] != "Q2?"]
     # batched tokenization of the whole file gives exactly what the per-element rules give
-    assert list(pairs) == [{**tokenize_element(*triple, "keep_start", tokenizer, 12, 4), "index": i} for i, triple in enumerate(expected)]
+    assert list(pairs) == [
+        {**tokenize_element(*triple, "keep_start", tokenizer, 12, 4), "index": i} for i, triple in enumerate(expected)
+    ]
 
     sft, n_dropped = tokenize_datasets([path], split, tokenizer, max_length=12, max_prompt_length=4, sft_mode=True)
     assert n_dropped == 0
@@ -469,8 +534,15 @@ def test_tokenize_datasets_makes_one_example_per_pair_or_per_prompt(tmp_path, to
 def test_tokenize_datasets_keeps_the_end_of_long_hh_prompts(tmp_path, tokenizer):
     hh_dir = write_hh(tmp_path / "hh-rlhf")
     examples, _ = tokenize_datasets(
-        ["hh"], "train", tokenizer, max_length=24, max_prompt_length=16, sft_mode=False,
-        cache_dir=str(tmp_path / "cache"), dataset_paths={"hh": str(hh_dir)}, silent=True,
+        ["hh"],
+        "train",
+        tokenizer,
+        max_length=24,
+        max_prompt_length=16,
+        sft_mode=False,
+        cache_dir=str(tmp_path / "cache"),
+        dataset_paths={"hh": str(hh_dir)},
+        silent=True,
     )
     assert len(examples) == 3
     assert examples[0]["prompt"] == SHARED
@@ -501,8 +573,10 @@ def test_select_slices_and_index_address_examples_by_position(tmp_path, tokenize
     window = examples[1:4]
     assert isinstance(window, TokenizedExamples) and list(window) == list(examples.select([1, 2, 3]))
     as_list = list(window)
-    assert torch.equal(padded_batch([e["chosen_input_ids"] for e in window], [e["chosen_labels"] for e in window], 0)["labels"],
-                       padded_batch([e["chosen_input_ids"] for e in as_list], [e["chosen_labels"] for e in as_list], 0)["labels"])
+    assert torch.equal(
+        padded_batch([e["chosen_input_ids"] for e in window], [e["chosen_labels"] for e in window], 0)["labels"],
+        padded_batch([e["chosen_input_ids"] for e in as_list], [e["chosen_labels"] for e in as_list], 0)["labels"],
+    )
     with pytest.raises(IndexError):
         examples[n]
     with pytest.raises(IndexError, match="select: positions must lie in"):
@@ -517,11 +591,15 @@ def test_fingerprint_names_the_content_whichever_way_it_was_selected(tmp_path, t
     reordered = examples.select([2, 0])
     assert reordered.fingerprint not in (examples.fingerprint, examples.select([0, 2]).fingerprint)
     assert reordered.fingerprint == examples.select([1, 2, 0]).select([1, 2]).fingerprint
-    assert tokenized_file(tmp_path, tokenizer, preference_rows(8)).fingerprint == examples.fingerprint  # the same file again
+    assert (
+        tokenized_file(tmp_path, tokenizer, preference_rows(8)).fingerprint == examples.fingerprint
+    )  # the same file again
 
 
 def test_lengths_are_the_sequence_lengths_without_building_examples(tmp_path, tokenizer):
-    rows = preference_rows(8) + [{"prompt": "Q1?", "chosen": " good 1 " + "x" * 40, "rejected": " bad"}]  # truncated to 32
+    rows = preference_rows(8) + [
+        {"prompt": "Q1?", "chosen": " good 1 " + "x" * 40, "rejected": " bad"}
+    ]  # truncated to 32
     examples = tokenized_file(tmp_path, tokenizer, rows)
     chosen_lengths, rejected_lengths = examples.lengths
     assert chosen_lengths.tolist() == [len(e["chosen_input_ids"]) for e in examples]
@@ -544,8 +622,15 @@ def cache_rows() -> list[dict]:
 
 def tokenize_with_cache(tmp_path, names, tokenizer, tokenized_cache_dir, max_length=12, sft_mode=False, silent=True):
     return tokenize_datasets(
-        names, "train", tokenizer, max_length=max_length, max_prompt_length=4, sft_mode=sft_mode,
-        cache_dir=str(tmp_path / "datasets-cache"), dataset_paths={"hh": str(tmp_path / "hh-rlhf")}, silent=silent,
+        names,
+        "train",
+        tokenizer,
+        max_length=max_length,
+        max_prompt_length=4,
+        sft_mode=sft_mode,
+        cache_dir=str(tmp_path / "datasets-cache"),
+        dataset_paths={"hh": str(tmp_path / "hh-rlhf")},
+        silent=silent,
         tokenized_cache_dir=tokenized_cache_dir,
     )
 
@@ -698,9 +783,14 @@ def batch_ids(batches) -> list[list[int]]:
 
 
 def test_batches_without_shuffle_keep_order_and_drop_last_is_explicit():
-    assert batch_ids(iterate_batches(EXAMPLES, 4, shuffle=False, seed=0, drop_last=True)) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert batch_ids(iterate_batches(EXAMPLES, 4, shuffle=False, seed=0, drop_last=True)) == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+    ]
     assert batch_ids(iterate_batches(EXAMPLES, 4, shuffle=False, seed=0, n_epochs=1, drop_last=False)) == [
-        [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+        [8, 9],
     ]
 
 
@@ -720,7 +810,10 @@ def test_n_examples_stops_training_across_epochs_with_full_batches():
     batches = batch_ids(iterate_batches(EXAMPLES, 4, shuffle=False, seed=0, n_examples=14))
     # each epoch drops its partial batch [8, 9]; the 2 examples beyond 12 do not fill a batch
     assert batches == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3]]
-    assert batch_ids(iterate_batches(EXAMPLES, 4, shuffle=False, seed=0, n_examples=6, drop_last=False)) == [[0, 1, 2, 3], [4, 5]]
+    assert batch_ids(iterate_batches(EXAMPLES, 4, shuffle=False, seed=0, n_examples=6, drop_last=False)) == [
+        [0, 1, 2, 3],
+        [4, 5],
+    ]
     # whichever of n_epochs and n_examples comes first
     assert len(list(iterate_batches(EXAMPLES, 2, shuffle=True, seed=0, n_epochs=1, n_examples=100))) == 5
     assert len(list(iterate_batches(EXAMPLES, 2, shuffle=True, seed=0, n_epochs=3, n_examples=8))) == 4
@@ -729,7 +822,9 @@ def test_n_examples_stops_training_across_epochs_with_full_batches():
 def test_fewer_examples_than_one_batch_is_an_error():
     with pytest.raises(DatasetError, match="Only 3 examples, fewer than batch_size=4"):
         list(iterate_batches(EXAMPLES[:3], 4, shuffle=True, seed=0))
-    assert batch_ids(iterate_batches(EXAMPLES[:3], 4, shuffle=False, seed=0, n_epochs=1, drop_last=False)) == [[0, 1, 2]]
+    assert batch_ids(iterate_batches(EXAMPLES[:3], 4, shuffle=False, seed=0, n_epochs=1, drop_last=False)) == [
+        [0, 1, 2]
+    ]
 
 
 # ----- padding ----------------------------------------------------------------------------------
@@ -748,11 +843,16 @@ def pair(prompt, chosen, rejected):
 def test_padded_batch_right_pads_chosen_and_rejected_to_one_length():
     pairs = [pair([5, 6], [7], [8, 9, 10]), pair([11], [12, 13], [14])]
     sides = ("chosen", "rejected")
-    batch = padded_batch([e[f"{s}_input_ids"] for s in sides for e in pairs], [e[f"{s}_labels"] for s in sides for e in pairs], 0)
+    batch = padded_batch(
+        [e[f"{s}_input_ids"] for s in sides for e in pairs], [e[f"{s}_labels"] for s in sides for e in pairs], 0
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7, 0, 0], [11, 12, 13, 0, 0], [5, 6, 8, 9, 10], [11, 14, 0, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
     assert batch["labels"].tolist() == [
-        [-100, -100, 7, -100, -100], [-100, 12, 13, -100, -100], [-100, -100, 8, 9, 10], [-100, 14, -100, -100, -100]
+        [-100, -100, 7, -100, -100],
+        [-100, 12, 13, -100, -100],
+        [-100, -100, 8, 9, 10],
+        [-100, 14, -100, -100, -100],
     ]
     assert all(t.dtype == torch.long for t in batch.values())
 

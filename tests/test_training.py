@@ -6,79 +6,23 @@ parallel) must compute the same losses, rewards and final weights from the same 
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from conftest import (
+    REPO_ROOT,
+    SMALL_MODEL,
+    compose_config,
+    equivalence_overrides,
+    free_port,
+    run_in_processes,
+    train_records,
+)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-import train
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-# a smaller model than the demo's, so each run takes seconds
-SMALL_MODEL = [
-    "model.from_scratch.hidden_size=64",
-    "model.from_scratch.intermediate_size=128",
-    "model.from_scratch.num_hidden_layers=2",
-    "model.from_scratch.num_attention_heads=4",
-]
-
-
-def compose_config(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "config"), version_base=None):
-        return compose(config_name="config", overrides=overrides)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_in_processes(config: DictConfig, run_dir: Path, n_processes: int) -> None:
-    """What train.py does for one run, in this process (1) or in spawned ranks (> 1).
-
-    Runs of one test share a cache beside their run folders, never the repository's.
-    """
-    run_dir.mkdir(parents=True)
-    config.cache_dir = str(run_dir.parent / "cache")
-    if n_processes == 1:
-        train.train_worker(0, 1, config, run_dir)
-        return
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(free_port())
-    mp.spawn(train.train_worker, nprocs=n_processes, args=(n_processes, config, run_dir), join=True)
-
-
-def train_records(run_dir: Path) -> list[dict]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if "loss/train" in r]
-
-
-def equivalence_overrides(loss: str) -> list[str]:
-    return SMALL_MODEL + [
-        f"loss={loss}",
-        "batch_size=8",
-        "gradient_accumulation_steps=2",
-        "eval_batch_size=16",
-        "n_examples=80",  # 10 optimizer steps
-        "n_eval_examples=32",
-        "eval_every=1000000",
-        "do_first_eval=false",
-        "sample_during_eval=false",
-        "minimum_log_interval_secs=0",  # one metrics line per optimizer step
-        "lr=1e-3",
-        "warmup_steps=2",
-        "max_grad_norm=0.5",  # small enough that clipping is exercised
-    ]
 
 
 @pytest.mark.parametrize("loss", ["sft", "dpo"])
@@ -95,8 +39,13 @@ def test_fsdp_and_tensor_parallel_match_one_device(loss, tmp_path):
             overrides += ["packing=false", "logps_chunk_tokens=null"]  # the plain path
         elif loss == "dpo":
             # the fast paths, each also tested alone on one device (test_fast_paths.py)
-            overrides += ["packing=true", "logps_chunk_tokens=32", "precompute_ref_logps=true",
-                          "fsdp.prefetch_blocks=1", "fsdp.reshard_after_forward=false"]
+            overrides += [
+                "packing=true",
+                "logps_chunk_tokens=32",
+                "precompute_ref_logps=true",
+                "fsdp.prefetch_blocks=1",
+                "fsdp.reshard_after_forward=false",
+            ]
         config = compose_config(overrides)
         run_dir = tmp_path / trainer
         run_in_processes(config, run_dir, n_processes)
@@ -146,7 +95,9 @@ def run_cli(args: list[str], cwd: Path, launcher: list[str] | None = None) -> st
 
 
 def run_folder(output: str) -> Path:
-    return Path(next(line for line in output.splitlines() if line.startswith("run folder: ")).removeprefix("run folder: "))
+    return Path(
+        next(line for line in output.splitlines() if line.startswith("run folder: ")).removeprefix("run folder: ")
+    )
 
 
 def check_checkpoint_loads_and_generates(checkpoint: Path) -> None:
@@ -168,19 +119,32 @@ def stage_args(tmp_path: Path) -> list[str]:
 def test_sft_then_dpo_from_the_command_line(tmp_path):
     sft_dir = run_folder(run_cli(stage_args(tmp_path) + ["loss=sft", "exp_name=sft"], tmp_path))
     assert sft_dir.parent == tmp_path and sft_dir.name.startswith("sft_")
-    assert sorted(p.name for p in sft_dir.iterdir()) == ["LATEST", "config.yaml", "metrics.jsonl", "samples", "step-128", "step-64"]
+    assert sorted(p.name for p in sft_dir.iterdir()) == [
+        "LATEST",
+        "config.yaml",
+        "metrics.jsonl",
+        "samples",
+        "step-128",
+        "step-64",
+    ]
     assert (sft_dir / "LATEST" / "optimizer.pt").is_file()
     assert not (tmp_path / "outputs").exists(), "Hydra must not write its own outputs/ tree"
 
-    output = run_cli(stage_args(tmp_path) + ["loss=dpo", f"model.archive={sft_dir / 'LATEST'}", "exp_name=dpo"], tmp_path)
+    output = run_cli(
+        stage_args(tmp_path) + ["loss=dpo", f"model.archive={sft_dir / 'LATEST'}", "exp_name=dpo"], tmp_path
+    )
     dpo_dir = run_folder(output)
     check_checkpoint_loads_and_generates(dpo_dir / "LATEST")
-    evals = [json.loads(l) for l in (dpo_dir / "metrics.jsonl").read_text().splitlines() if "rewards_eval/accuracies" in l]
+    evals = [
+        json.loads(line)
+        for line in (dpo_dir / "metrics.jsonl").read_text().splitlines()
+        if "rewards_eval/accuracies" in line
+    ]
     # the first eval is before any DPO step: policy == reference (the SFT model), so rewards are exactly 0
     assert evals[0]["counters/examples"] == 0 and evals[0]["rewards_eval/margins"] == 0.0
     assert evals[0]["loss/eval"] == pytest.approx(0.6931472, abs=1e-6)
     assert evals[-1]["rewards_eval/margins"] > 0
-    samples = [json.loads(l) for l in (dpo_dir / "samples" / "examples-128.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (dpo_dir / "samples" / "examples-128.jsonl").read_text().splitlines()]
     assert samples and {"prompt", "policy", "reference"} <= set(samples[0])
 
 
@@ -190,15 +154,24 @@ def test_two_process_sft_then_dpo_with_torchrun(tmp_path):
     sft_dir = run_folder(run_cli(args + ["loss=sft", "exp_name=sft"], tmp_path, torchrun))
     assert (sft_dir / "LATEST" / "optimizer").is_dir()  # sharded optimizer state, one file per rank
     torchrun[-1] = str(free_port())
-    dpo_dir = run_folder(run_cli(args + ["loss=dpo", f"model.archive={sft_dir / 'LATEST'}", "exp_name=dpo"], tmp_path, torchrun))
+    dpo_dir = run_folder(
+        run_cli(args + ["loss=dpo", f"model.archive={sft_dir / 'LATEST'}", "exp_name=dpo"], tmp_path, torchrun)
+    )
     check_checkpoint_loads_and_generates(dpo_dir / "LATEST")
-    samples = [json.loads(l) for l in (dpo_dir / "samples" / "examples-128.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (dpo_dir / "samples" / "examples-128.jsonl").read_text().splitlines()]
     assert len(samples) == 3  # gathered from both ranks, sampled without a hang
 
 
 def test_bad_config_fails_before_loading_anything(tmp_path):
-    command = [sys.executable, str(REPO_ROOT / "train.py"), "loss=dpo", "loss.beta=-1", "max_prompt_length=100",
-               "max_length=64", f"local_dirs=[{tmp_path}]"]
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "train.py"),
+        "loss=dpo",
+        "loss.beta=-1",
+        "max_prompt_length=100",
+        "max_length=64",
+        f"local_dirs=[{tmp_path}]",
+    ]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "loss.beta=-1" in result.stderr and "max_prompt_length=100" in result.stderr

@@ -1,0 +1,158 @@
+"""Checking the whole configuration before any weights load, and reporting every problem at once."""
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import preference_datasets
+from checkpoints import archive_problem, resume_problem
+from errors import ConfigError
+from losses import LossSpec, loss_config_problems, loss_config_warnings
+from optimization import optimization_problems
+from tokenization import length_problem
+from utils import DTYPES, data_parallel_size
+
+TRAINERS = ("BasicTrainer", "FSDPTrainer", "TensorParallelTrainer")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
+
+
+def _check_positive(config: DictConfig, keys: Iterable[str], problems: list[str]) -> None:
+    for key in keys:
+        value = OmegaConf.select(config, key)
+        if value is not None and not value > 0:
+            problems.append(f"{key}={value}: must be greater than 0.")
+
+
+def _check_choice(key: str, value, allowed: Iterable, problems: list[str]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        problems.append(f"{key}={value}: must be one of {', '.join(map(str, allowed))}.")
+
+
+def _check_model(model: DictConfig, problems: list[str]) -> None:
+    if OmegaConf.is_missing(model, "name_or_path"):
+        problems.append("model.name_or_path is required: pass a Hub id or a local model directory.")
+    elif (model.name_or_path is None) == (model.from_scratch is None):
+        problems.append(
+            f"model.name_or_path={model.name_or_path} and model.from_scratch={model.from_scratch}: "
+            "set exactly one (a pretrained model to load, or an architecture to build)."
+        )
+    for key in ("policy_dtype", "reference_dtype"):
+        _check_choice(f"model.{key}", model[key], DTYPES, problems)
+    if model.fsdp_policy_mp is not None:
+        _check_choice("model.fsdp_policy_mp", model.fsdp_policy_mp, DTYPES, problems)
+    if model.from_scratch is not None:
+        shape = model.from_scratch
+        if shape.hidden_size % shape.num_attention_heads:
+            problems.append(
+                f"model.from_scratch.hidden_size={shape.hidden_size} is not divisible by "
+                f"model.from_scratch.num_attention_heads={shape.num_attention_heads}."
+            )
+    if model.archive is not None:
+        problem = archive_problem(Path(model.archive))
+        if problem:
+            problems.append(problem)
+
+
+def _check_resume(config: DictConfig, problems: list[str]) -> None:
+    if config.resume_from is None:
+        return
+    problem = resume_problem(Path(config.resume_from), config.trainer != "BasicTrainer", config.trainer)
+    if problem:
+        problems.append(problem)
+
+
+def _check_batches(config: DictConfig, world_size: int, problems: list[str]) -> None:
+    data_parallel = data_parallel_size(config.trainer, world_size)
+    micro_batches = config.gradient_accumulation_steps * data_parallel
+    if config.batch_size > 0 and config.gradient_accumulation_steps > 0 and config.batch_size % micro_batches:
+        problems.append(
+            f"batch_size={config.batch_size} must be divisible by gradient_accumulation_steps"
+            f"={config.gradient_accumulation_steps} x {data_parallel} data-parallel process(es) = {micro_batches}."
+        )
+    if config.eval_batch_size > 0 and config.eval_batch_size % data_parallel:
+        problems.append(
+            f"eval_batch_size={config.eval_batch_size} must be divisible by the {data_parallel} "
+            "data-parallel process(es)."
+        )
+
+
+def _check_datasets(config: DictConfig, problems: list[str]) -> None:
+    if not config.datasets:
+        problems.append("datasets=[]: name at least one dataset, e.g. datasets=[hh].")
+    for name in config.datasets:
+        name = str(name)
+        if name.endswith(preference_datasets.DATA_FILE_SUFFIXES):
+            if not Path(name).is_file():
+                problems.append(f"datasets entry {name}: no such file.")
+        elif not callable(getattr(preference_datasets, f"get_{name}", None)):
+            known = ", ".join(preference_datasets.available_datasets())
+            problems.append(
+                f"datasets entry {name}: unknown dataset. Known: {known}; or give a path to a "
+                ".jsonl/.json/.parquet file with prompt/chosen/rejected fields."
+            )
+
+
+def validate_config(config: DictConfig, world_size: int) -> list[str]:
+    """Check the whole config before any weights load; raise ConfigError listing every problem.
+
+    Returns warnings: settings that are allowed but probably not what was meant.
+    """
+    problems = loss_config_problems(config.loss)
+    problems += optimization_problems(config.optimizer, config.weight_decay, config.lr_scheduler)
+    _check_choice("trainer", config.trainer, TRAINERS, problems)
+    _check_choice("device", config.device, ("auto", "cpu", "cuda"), problems)
+    _check_choice("wandb.mode", config.wandb.mode, ("online", "offline", "disabled"), problems)
+    _check_positive(
+        config,
+        [
+            "batch_size",
+            "eval_batch_size",
+            "gradient_accumulation_steps",
+            "lr",
+            "max_grad_norm",
+            "max_length",
+            "max_prompt_length",
+            "n_epochs",
+            "n_examples",
+            "n_eval_examples",
+            "eval_every",
+            "sampling.max_new_tokens",
+            "logps_chunk_tokens",
+        ],
+        problems,
+    )
+    if config.autocast_dtype is not None:
+        _check_choice("autocast_dtype", config.autocast_dtype, ("bfloat16", "float16"), problems)
+    if config.compile_backend is not None:
+        _check_choice("compile_backend", config.compile_backend, COMPILE_BACKENDS, problems)
+    if config.fsdp.prefetch_blocks < 0:
+        problems.append(f"fsdp.prefetch_blocks={config.fsdp.prefetch_blocks}: must be 0 or more.")
+    loss = LossSpec.from_config(config.loss)
+    if config.precompute_ref_logps and not loss.uses_reference:
+        problems.append(
+            f"precompute_ref_logps=true, but loss={loss.name} (reference_free={loss.reference_free}) uses no "
+            "reference model; drop precompute_ref_logps."
+        )
+    if config.warmup_steps < 0:
+        problems.append(f"warmup_steps={config.warmup_steps}: must be 0 or more.")
+    if config.n_eval_model_samples < 0:
+        problems.append(f"n_eval_model_samples={config.n_eval_model_samples}: must be 0 or more.")
+    if not 0 < config.sampling.top_p <= 1:
+        problems.append(f"sampling.top_p={config.sampling.top_p}: must be in (0, 1].")
+    length = length_problem(config.max_length, config.max_prompt_length)
+    if length:
+        problems.append(length)
+    if config.device == "cuda" and not torch.cuda.is_available():
+        problems.append("device=cuda but no CUDA device is visible; use device=auto or device=cpu.")
+    if not config.local_dirs:
+        problems.append("local_dirs=[]: give at least one folder for run outputs.")
+    _check_model(config.model, problems)
+    _check_resume(config, problems)
+    _check_batches(config, world_size, problems)
+    _check_datasets(config, problems)
+    if problems:
+        raise ConfigError(problems)
+    return loss_config_warnings(config.loss)

@@ -1,0 +1,138 @@
+"""What a run records besides checkpoints: its folder, config, exact metric averages, metrics, samples, wandb.
+
+The run folder `<first existing of local_dirs>/<exp_name>_<timestamp>/` holds:
+
+    config.yaml               the resolved configuration
+    metrics.jsonl             one JSON object per log line, against counters/examples and counters/updates
+    samples/examples-N.jsonl  completions of evaluation prompts after N training examples
+    step-N/, LATEST/          checkpoints (checkpoints.py)
+"""
+
+import datetime
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+RUN_CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_DIR = "samples"
+
+
+def make_run_dir(local_dirs: Iterable[str], exp_name: str) -> Path:
+    """<first existing of local_dirs>/<exp_name>_<timestamp>; the last of local_dirs is created if none exists."""
+    local_dirs = [Path(d) for d in local_dirs]
+    parent = next((d for d in local_dirs if d.is_dir()), local_dirs[-1])
+    timestamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
+    run_dir = parent / f"{exp_name}_{timestamp}"
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def save_config(config: DictConfig, run_dir: Path) -> None:
+    """Write the resolved configuration into the run folder."""
+    (run_dir / RUN_CONFIG_FILE).write_text(OmegaConf.to_yaml(config, resolve=True))
+
+
+class MetricSums:
+    """Exact averages over micro-batches, steps and ranks: keep sums and counts, then divide.
+
+    Averaging per-batch averages is wrong when batches differ in size (the last eval
+    batch, token-weighted losses); summing first is exact.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor | float] = {}
+        self.counts: dict[str, torch.Tensor | float] = {}
+
+    def add(self, name: str, values: torch.Tensor, count: torch.Tensor | float | None = None) -> None:
+        """Add per-example values; with `count`, their sum stands for that many units (e.g. tokens)."""
+        values = values.detach().double()
+        self.sums[name] = self.sums.get(name, 0.0) + values.sum()
+        self.counts[name] = self.counts.get(name, 0.0) + (values.numel() if count is None else count)
+
+    def merge(self, other: "MetricSums") -> None:
+        for name in other.sums:
+            self.sums[name] = self.sums.get(name, 0.0) + other.sums[name]
+            self.counts[name] = self.counts.get(name, 0.0) + other.counts[name]
+
+    def summed_over_ranks(self, device: torch.device, distributed: bool) -> "MetricSums":
+        """The same sums added up over all ranks, with one collective for every metric."""
+        names = sorted(self.sums)
+        packed = torch.stack(
+            [torch.as_tensor(self.sums[n], dtype=torch.float64, device=device) for n in names]
+            + [torch.as_tensor(self.counts[n], dtype=torch.float64, device=device) for n in names]
+        )
+        if distributed:
+            dist.all_reduce(packed)
+        packed = packed.cpu()
+        total = MetricSums()
+        for i, name in enumerate(names):
+            total.sums[name] = packed[i].item()
+            total.counts[name] = packed[len(names) + i].item()
+        return total
+
+    def averages(self) -> dict[str, float]:
+        return {
+            n: float(self.sums[n]) / float(self.counts[n]) if self.counts[n] else float("nan")
+            for n in sorted(self.sums)
+        }
+
+
+class RunLog:
+    """metrics.jsonl, samples and (when enabled) wandb of one run; on ranks other than 0 every call is a no-op."""
+
+    def __init__(self, config: DictConfig, run_dir: Path, is_main: bool):
+        self.config = config
+        self.run_dir = run_dir
+        self.is_main = is_main
+        self.wandb_run = None
+
+    def start(self) -> None:
+        if not self.is_main:
+            return
+        wandb_config = self.config.wandb
+        if wandb_config.enabled and not self.config.debug:
+            import wandb  # imported here: slow, and only needed when enabled
+
+            self.wandb_run = wandb.init(
+                entity=wandb_config.entity,
+                project=wandb_config.project,
+                name=self.run_dir.name,
+                dir=str(self.run_dir),
+                mode=wandb_config.mode,
+                config=OmegaConf.to_container(self.config, resolve=True),
+            )
+
+    def log(self, metrics: dict[str, float], examples_seen: int, optimizer_steps: int) -> None:
+        """Append one line to metrics.jsonl (and wandb), against explicit counters."""
+        if not self.is_main:
+            return
+        record = {"counters/examples": examples_seen, "counters/updates": optimizer_steps, **metrics}
+        with open(self.run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(record, step=examples_seen)
+
+    def write_samples(self, samples: list[dict], examples_seen: int) -> None:
+        """samples/examples-<examples_seen>.jsonl, one {"prompt", "policy"[, "reference"]} object per line."""
+        if not self.is_main:
+            return
+        samples_dir = self.run_dir / SAMPLES_DIR
+        samples_dir.mkdir(exist_ok=True)
+        with open(samples_dir / f"examples-{examples_seen}.jsonl", "w") as f:
+            for sample in samples:
+                f.write(json.dumps(sample) + "\n")
+        if self.wandb_run is not None:
+            import wandb
+
+            columns = ["prompt"] + [k for k in samples[0] if k != "prompt"] if samples else ["prompt"]
+            table = wandb.Table(columns=columns, data=[[s[c] for c in columns] for s in samples])
+            self.wandb_run.log({"samples": table}, step=examples_seen)
+
+    def finish(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

@@ -1,0 +1,447 @@
+"""Tokenizing preference data: TokenizedExamples, special tokens, truncation, and tokenize_datasets.
+
+tokenize_datasets tokenizes every distinct text once, in batched calls to the tokenizer, into a
+TokenizedExamples (flat token arrays; examples[i] is the dict the trainer consumes). Given a
+tokenized_cache_dir it stores the untruncated tokens as one .npz per dataset (token_cache.py),
+so later runs, with any max_length, load them in about a second without reading the raw data.
+"""
+
+import hashlib
+import itertools
+import operator
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import tqdm
+
+import preference_datasets
+import token_cache
+from errors import DatasetError
+from losses import IGNORE_INDEX
+from token_cache import PER_EXAMPLE, POINTS_INTO
+
+TOKENIZE_CHUNK = 1024  # texts per batched tokenizer call
+
+
+@dataclass(frozen=True)
+class _SpecialTokens:
+    bos: int | None  # prepended to prompts when the tokenizer adds it by default (Llama), else None (GPT-2)
+    eos: int  # appended to every response, so the model learns to stop
+
+
+def _special_tokens(tokenizer) -> _SpecialTokens:
+    if tokenizer.eos_token_id is None:
+        raise DatasetError(
+            f"The tokenizer {type(tokenizer).__name__} has no EOS token, so responses cannot be ended; "
+            "set tokenizer.eos_token."
+        )
+    bos = tokenizer.bos_token_id
+    with_defaults = tokenizer("x").input_ids
+    adds_bos = (
+        bos is not None
+        and with_defaults[:1] == [bos]
+        and tokenizer("x", add_special_tokens=False).input_ids[:1] != [bos]
+    )
+    return _SpecialTokens(bos=bos if adds_bos else None, eos=tokenizer.eos_token_id)
+
+
+def length_problem(max_length: int, max_prompt_length: int) -> str | None:
+    """Why these length limits cannot truncate examples sensibly, or None (the config checks report it too)."""
+    if 0 < max_prompt_length < max_length:
+        return None
+    return (
+        f"max_prompt_length={max_prompt_length} and max_length={max_length}: need 0 < max_prompt_length < max_length, "
+        "so that every truncated example keeps some prompt and some response."
+    )
+
+
+def _check_lengths(max_length: int, max_prompt_length: int) -> None:
+    problem = length_problem(max_length, max_prompt_length)
+    if problem:
+        raise ValueError(problem)
+
+
+class TokenizedExamples(Sequence):
+    """Tokenized examples, stored compactly; `examples[i]` is the dict the trainer consumes.
+
+    examples[i] has: prompt (str), prompt_input_ids (the prompt after truncation, BOS first when
+    the tokenizer adds one), chosen_input_ids (prompt + chosen response, EOS last unless
+    truncated), chosen_labels (the same with IGNORE_INDEX on prompt positions), the rejected ones
+    unless this is SFT data, and index (i, the position in this sequence), all lists of ints.
+
+    `fingerprint` is a hex SHA-256 naming the content: the cache keys of the datasets (see
+    tokenize_datasets) and, for a selection of them, the rows selected.
+
+    Storage, shared by every selection: each distinct prompt once (UTF-8 text, and its token ids
+    untruncated, without BOS), each distinct response once (token ids + EOS), and per stored
+    example its prompt's number and int64 [start, stop) spans into those token arrays, which
+    say what truncation keeps. A selection is the storage plus the stored rows it shows, in order.
+    """
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], base_fingerprint: str, rows: np.ndarray | None = None) -> None:
+        self._arrays = arrays
+        self._base_fingerprint = base_fingerprint
+        n_stored = len(arrays["example_prompt"])
+        self._rows = np.arange(n_stored, dtype=np.int64) if rows is None else rows
+        self._prompt_prefix = [] if arrays["bos"] < 0 else [int(arrays["bos"])]
+        self._sides = ("chosen", "rejected") if "rejected_spans" in arrays else ("chosen",)
+        if len(self._rows) == n_stored and np.array_equal(self._rows, np.arange(n_stored)):
+            self.fingerprint = base_fingerprint
+        else:  # selections showing the same rows have one fingerprint, however they were made
+            self.fingerprint = hashlib.sha256(
+                base_fingerprint.encode() + self._rows.astype("<i8").tobytes()
+            ).hexdigest()
+
+    @property
+    def has_rejected(self) -> bool:
+        """False for SFT examples, which have a chosen response only."""
+        return len(self._sides) == 2
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, position: int | slice) -> "dict | TokenizedExamples":
+        if isinstance(position, slice):
+            return self.select(range(len(self))[position])
+        position = operator.index(position)
+        if not -len(self) <= position < len(self):
+            raise IndexError(f"example {position} of {len(self)}")
+        position %= len(self)
+        row, arrays = self._rows[position], self._arrays
+        text_start, text_stop = arrays["prompt_text_spans"][arrays["example_prompt"][row]]
+        start, stop = arrays["prompt_spans"][row]
+        prompt_ids = self._prompt_prefix + arrays["prompt_tokens"][start:stop].tolist()
+        example = {
+            "prompt": arrays["prompt_text"][text_start:text_stop].tobytes().decode(),
+            "prompt_input_ids": prompt_ids,
+        }
+        for side in self._sides:
+            start, stop = arrays[f"{side}_spans"][row]
+            response = arrays["response_tokens"][start:stop].tolist()
+            example[f"{side}_input_ids"] = prompt_ids + response
+            example[f"{side}_labels"] = [IGNORE_INDEX] * len(prompt_ids) + response
+        example["index"] = position
+        return example
+
+    def __iter__(self) -> Iterator[dict]:
+        return (self[position] for position in range(len(self)))
+
+    def __repr__(self) -> str:
+        kind = "pairs" if self.has_rejected else "SFT examples"
+        return f"TokenizedExamples({len(self)} {kind}, fingerprint={self.fingerprint[:12]}...)"
+
+    def select(self, positions: Iterable[int]) -> "TokenizedExamples":
+        """The examples at these positions (negative ones from the end), in this order; a view of the same storage.
+
+        Its `index` keys count from 0 in the new order. Its fingerprint is this one's when it
+        selects all examples in order, else a hash of the stored rows it shows.
+        """
+        positions = np.fromiter(positions, dtype=np.int64)
+        if positions.size and not (-len(self) <= positions.min() and positions.max() < len(self)):
+            shown = f"{positions.min()}..{positions.max()}"
+            raise IndexError(f"select: positions must lie in [-{len(self)}, {len(self)}), got {shown}.")
+        positions[positions < 0] += len(self)
+        return TokenizedExamples(self._arrays, self._base_fingerprint, self._rows[positions])
+
+    @property
+    def lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """(chosen_lengths, rejected_lengths), each (len(self),) int64: lengths of chosen/rejected_input_ids.
+
+        Rejected lengths are 0 for SFT examples, which have no rejected response.
+        """
+        prompt_spans = self._arrays["prompt_spans"][self._rows]
+        prompt_lengths = prompt_spans[:, 1] - prompt_spans[:, 0] + len(self._prompt_prefix)
+        lengths = {side: np.zeros(len(self), dtype=np.int64) for side in ("chosen", "rejected")}
+        for side in self._sides:
+            spans = self._arrays[f"{side}_spans"][self._rows]
+            lengths[side] = prompt_lengths + spans[:, 1] - spans[:, 0]
+        return lengths["chosen"], lengths["rejected"]
+
+    @staticmethod
+    def concatenate(parts: list[Mapping[str, np.ndarray]], fingerprint: str) -> "TokenizedExamples":
+        """The examples of each part's storage (as _tokenize_data makes it), one part after the other."""
+        if len({int(part["bos"]) for part in parts}) != 1 or len({"rejected_spans" in part for part in parts}) != 1:
+            raise ValueError("Tokenized parts made with different tokenizers or modes cannot be concatenated.")
+        if len(parts) == 1:
+            return TokenizedExamples(parts[0], fingerprint)
+        arrays = {"bos": parts[0]["bos"]}
+        for name in parts[0].keys() - {"bos"}:
+            target = POINTS_INTO.get(name)
+            if target is None:
+                arrays[name] = np.concatenate([part[name] for part in parts])
+                continue
+            # indices into `target` move by the lengths of the earlier parts' `target`s
+            shifts = np.cumsum([0] + [len(part[target]) for part in parts[:-1]])
+            arrays[name] = np.concatenate([part[name] + shift for part, shift in zip(parts, shifts)])
+        return TokenizedExamples(arrays, fingerprint)
+
+
+def _tokenize_texts(tokenizer, texts: list[str], description: str, silent: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids (no special tokens) of each text, in batched calls.
+
+    Returns flat int32 ids (total,) and int64 offsets (len(texts) + 1,).
+    """
+    lengths = np.zeros(len(texts), dtype=np.int64)
+    pieces = [np.zeros(0, dtype=np.int32)]
+    starts = range(0, len(texts), TOKENIZE_CHUNK)
+    for start in tqdm.tqdm(starts, desc=description, unit="chunk", disable=silent or len(starts) < 2):
+        chunk = texts[start : start + TOKENIZE_CHUNK]
+        token_ids = tokenizer(
+            chunk, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False
+        ).input_ids
+        chunk_lengths = list(map(len, token_ids))
+        lengths[start : start + len(token_ids)] = chunk_lengths
+        pieces.append(np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int32, count=sum(chunk_lengths)))
+    return np.concatenate(pieces), np.concatenate([[0], np.cumsum(lengths)])
+
+
+def _with_eos(tokens: np.ndarray, offsets: np.ndarray, eos: int) -> tuple[np.ndarray, np.ndarray]:
+    """The texts of (tokens, offsets) each followed by EOS, in the same flat layout."""
+    n_texts = len(offsets) - 1
+    new_offsets = offsets + np.arange(n_texts + 1)
+    out = np.full(len(tokens) + n_texts, eos, dtype=np.int32)
+    # token t of text k moves right by k, the EOS tokens inserted before it
+    out[np.arange(len(tokens)) + np.repeat(np.arange(n_texts), np.diff(offsets))] = tokens
+    return out, new_offsets
+
+
+def _gather(tokens: np.ndarray, spans: np.ndarray) -> np.ndarray:
+    """The concatenation of tokens[start:stop] for each [start, stop) row of spans (n, 2)."""
+    lengths = spans[:, 1] - spans[:, 0]
+    # position p of the output, in row k, reads tokens[start_k + p - (output start of row k)]
+    shift = np.repeat(spans[:, 0] - (np.cumsum(lengths) - lengths), lengths)
+    return tokens[np.arange(lengths.sum()) + shift]
+
+
+def _identical_pairs(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """(n,) bool: the pairs whose chosen and rejected token ids are equal after truncation."""
+    chosen, rejected = arrays["chosen_spans"], arrays["rejected_spans"]
+    lengths = chosen[:, 1] - chosen[:, 0]
+    candidates = np.flatnonzero(lengths == rejected[:, 1] - rejected[:, 0])
+    identical = np.zeros(len(chosen), dtype=bool)
+    if candidates.size:
+        tokens = arrays["response_tokens"]
+        differs = _gather(tokens, chosen[candidates]) != _gather(tokens, rejected[candidates])
+        # every kept response has at least one token, so no row of the reduction is empty
+        row_starts = np.cumsum(lengths[candidates]) - lengths[candidates]
+        identical[candidates] = np.add.reduceat(differs, row_starts) == 0
+    return identical
+
+
+def _number_examples(data: dict[str, dict], sft_mode: bool) -> tuple[list[str], dict[str, np.ndarray]]:
+    """The distinct responses, and per example (a pair, or a prompt for SFT) the number of its prompt and responses.
+
+    Returns (responses, {"example_prompt": (n,), "example_chosen": (n,), "example_rejected": (n,)}), without
+    example_rejected for SFT.
+    """
+    response_number: dict[str, int] = {}
+    example_prompt, chosen, rejected = [], [], []
+    for prompt_number, entry in enumerate(data.values()):
+        if sft_mode:
+            chosen.append(response_number.setdefault(entry["sft_target"], len(response_number)))
+            example_prompt.append(prompt_number)
+            continue
+        numbers = [response_number.setdefault(response, len(response_number)) for response in entry["responses"]]
+        for preferred, dispreferred in entry["pairs"]:
+            chosen.append(numbers[preferred])
+            rejected.append(numbers[dispreferred])
+        example_prompt += [prompt_number] * len(entry["pairs"])
+    numbers = {"example_prompt": example_prompt, "example_chosen": chosen}
+    if not sft_mode:
+        numbers["example_rejected"] = rejected
+    return list(response_number), {name: np.array(values, dtype=np.int64) for name, values in numbers.items()}
+
+
+def _spans(offsets: np.ndarray) -> np.ndarray:
+    """(len(offsets) - 1, 2) [start, stop) rows from (n + 1,) offsets."""
+    return np.stack([offsets[:-1], offsets[1:]], axis=1)
+
+
+def _tokenize_data(
+    data: dict[str, dict],
+    sft_mode: bool,
+    tokenizer,
+    special: _SpecialTokens,
+    description: str = "tokenizing",
+    silent: bool = True,
+) -> dict[str, np.ndarray]:
+    """What the cache holds for a dataset: each distinct text tokenized once, untruncated, and each example's texts.
+
+    Arrays: bos (-1 for none); prompt_text (UTF-8) and prompt_text_spans; prompt_tokens (without
+    BOS) and prompt_token_spans; response_tokens (each response + EOS) and response_token_spans;
+    example_prompt, example_chosen and (not for SFT) example_rejected. Truncation is applied when
+    loading (_truncated), so the cache serves every max_length.
+    """
+    responses, numbers = _number_examples(data, sft_mode)
+    prompt_tokens, prompt_offsets = _tokenize_texts(tokenizer, list(data), f"{description} prompts", silent)
+    response_tokens, response_offsets = _tokenize_texts(tokenizer, responses, f"{description} responses", silent)
+    response_tokens, response_offsets = _with_eos(response_tokens, response_offsets, special.eos)
+    prompt_text = [prompt.encode() for prompt in data]
+    text_offsets = np.concatenate([[0], np.cumsum([len(text) for text in prompt_text], dtype=np.int64)])
+    return {
+        "bos": np.array(-1 if special.bos is None else special.bos, dtype=np.int64),
+        "prompt_text": np.frombuffer(b"".join(prompt_text), dtype=np.uint8),
+        "prompt_text_spans": _spans(text_offsets),
+        "prompt_tokens": prompt_tokens,
+        "prompt_token_spans": _spans(prompt_offsets),
+        "response_tokens": response_tokens,
+        "response_token_spans": _spans(response_offsets),
+        **numbers,
+    }
+
+
+def _truncated(
+    tokenized: Mapping[str, np.ndarray], truncation_mode: str, max_length: int, max_prompt_length: int
+) -> dict[str, np.ndarray]:
+    """The storage of TokenizedExamples: the tokenized texts (as _tokenize_data makes them) and each example's spans.
+
+    prompt_spans, chosen_spans and rejected_spans, (n_examples, 2), are what truncation keeps,
+    by the rules of the reference scripts: if prefix (BOS) + prompt + the longer response exceeds
+    max_length, keep max_prompt_length tokens of prefix + prompt (the prompt's start, or with
+    "keep_end" its end); if still too long, cut both responses to the room left.
+    """
+    if truncation_mode not in ("keep_start", "keep_end"):
+        raise ValueError(f"truncation_mode={truncation_mode!r}: expected 'keep_start' or 'keep_end'.")
+    n_prefix = int(tokenized["bos"] >= 0)
+    prompt_starts, prompt_stops = tokenized["prompt_token_spans"][tokenized["example_prompt"]].T
+    prompt_lengths = prompt_stops - prompt_starts
+    responses = {
+        side: tokenized["response_token_spans"][tokenized[f"example_{side}"]]
+        for side in ("chosen", "rejected")
+        if f"example_{side}" in tokenized
+    }
+    response_lengths = {side: spans[:, 1] - spans[:, 0] for side, spans in responses.items()}
+    longer_response = np.maximum.reduce(list(response_lengths.values()))
+    too_long = n_prefix + prompt_lengths + longer_response > max_length
+    kept = np.where(too_long, np.minimum(prompt_lengths, max_prompt_length - n_prefix), prompt_lengths)
+    if truncation_mode == "keep_end":
+        prompt_starts = prompt_stops - kept
+    room = max_length - n_prefix - kept
+    arrays = {
+        name: tokenized[name]
+        for name in ("bos", "prompt_text", "prompt_text_spans", "prompt_tokens", "response_tokens")
+    }
+    arrays["example_prompt"] = tokenized["example_prompt"]
+    arrays["prompt_spans"] = np.stack([prompt_starts, prompt_starts + kept], axis=1)
+    for side, spans in responses.items():
+        arrays[f"{side}_spans"] = np.stack(
+            [spans[:, 0], spans[:, 0] + np.minimum(response_lengths[side], room)], axis=1
+        )
+    return arrays
+
+
+def _without_identical_pairs(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+    """The arrays without the pairs that have nothing to train on, and how many those were."""
+    if "rejected_spans" not in arrays:
+        return arrays, 0
+    identical = _identical_pairs(arrays)
+    kept = {name: values[~identical] if name in PER_EXAMPLE else values for name, values in arrays.items()}
+    return kept, int(identical.sum())
+
+
+def tokenize_element(
+    prompt: str,
+    chosen: str,
+    rejected: str | None,
+    truncation_mode: str,
+    tokenizer,
+    max_length: int,
+    max_prompt_length: int,
+) -> dict:
+    """One example as TokenizedExamples gives it (without its index): prompt (+BOS), each response (+EOS), truncated.
+
+    Returns prompt and lists of ints: prompt_input_ids, chosen_input_ids (prompt + chosen),
+    chosen_labels (the same with IGNORE_INDEX on prompt positions), and the rejected ones
+    when `rejected` is given.
+    """
+    _check_lengths(max_length, max_prompt_length)
+    responses = [chosen] if rejected is None else [chosen, rejected]
+    data = {prompt: {"responses": responses, "pairs": [(0, 1)] if rejected is not None else [], "sft_target": chosen}}
+    tokenized = _tokenize_data(data, rejected is None, tokenizer, _special_tokens(tokenizer))
+    element = TokenizedExamples(
+        _truncated(tokenized, truncation_mode, max_length, max_prompt_length), base_fingerprint=""
+    )[0]
+    del element["index"]
+    return element
+
+
+def tokenize_datasets(
+    names: list[str],
+    split: str,
+    tokenizer,
+    max_length: int,
+    max_prompt_length: int,
+    sft_mode: bool,
+    cache_dir: str | None = None,
+    dataset_paths: Mapping[str, str] | None = None,
+    silent: bool = False,
+    tokenized_cache_dir: str | None = None,
+) -> tuple[TokenizedExamples, int]:
+    """Tokenized examples of all the datasets, in dataset then prompt order, and the number dropped.
+
+    SFT: one example per prompt (its sft_target, no rejected). Otherwise one per pair; pairs
+    whose chosen and rejected token ids are identical after truncation are dropped and counted.
+
+    With tokenized_cache_dir, each dataset's tokens (untruncated) are stored there as one .npz,
+    keyed by a hash of: the dataset and its source (a file's or a local copy's sizes and mtimes,
+    or the Hub id), the split, sft_mode, the tokenizer, and the code of this module and
+    embedded.py. A later call with the same key loads them without reading the raw data, for
+    any max_length. The examples' fingerprint hashes these keys and the length settings.
+    """
+    if not names:
+        raise DatasetError("No datasets given: name at least one, e.g. datasets=[hh].")
+    _check_lengths(max_length, max_prompt_length)
+    special = _special_tokens(tokenizer)
+    tokenizer_identity = token_cache.tokenizer_identity(tokenizer, special)
+    keys, parts, n_dropped = [], [], 0
+    for name in names:
+        key = token_cache.cache_key(name, split, sft_mode, tokenizer_identity, dataset_paths)
+        label = f"tokenized {name} {split}"
+        path = (
+            None
+            if tokenized_cache_dir is None
+            else token_cache.cache_path(tokenized_cache_dir, name, split, sft_mode, key)
+        )
+        tokenized = None if path is None else token_cache.read_cache_entry(path, key, label, silent)
+        if tokenized is None:
+            tokenized = _tokenize_dataset(name, split, sft_mode, tokenizer, special, cache_dir, dataset_paths, silent)
+            if path is not None:
+                try:
+                    token_cache.write_cache_entry(path, tokenized, key)
+                    if not silent:
+                        print(f"{label}: cached at {path}", flush=True)
+                except OSError as error:  # the examples are still good; only later runs lose time
+                    if not silent:
+                        print(
+                            f"{label}: could not cache the tokens at {path} ({error}), so the next run tokenizes again."
+                        )
+        truncated = _truncated(tokenized, preference_datasets.truncation_mode_for(name), max_length, max_prompt_length)
+        part, n_dropped_here = _without_identical_pairs(truncated)
+        parts.append(part)
+        n_dropped += n_dropped_here
+        keys.append(key)
+    settings = f"max_length={max_length} max_prompt_length={max_prompt_length}"
+    fingerprint = hashlib.sha256("\n".join(keys + [settings]).encode()).hexdigest()
+    return TokenizedExamples.concatenate(parts, fingerprint), n_dropped
+
+
+def _tokenize_dataset(
+    name: str,
+    split: str,
+    sft_mode: bool,
+    tokenizer,
+    special: _SpecialTokens,
+    cache_dir: str | None,
+    dataset_paths: Mapping[str, str] | None,
+    silent: bool,
+) -> dict[str, np.ndarray]:
+    """Load, parse and tokenize one dataset (see _tokenize_data), saying how long it took."""
+    start = time.perf_counter()
+    data = preference_datasets.get_dataset(name, split, silent=silent, cache_dir=cache_dir, dataset_paths=dataset_paths)
+    tokenized = _tokenize_data(data, sft_mode, tokenizer, special, f"tokenizing {name} {split}", silent)
+    if not silent:
+        seconds = time.perf_counter() - start
+        print(f"tokenized {name} {split}: {len(tokenized['example_prompt'])} examples in {seconds:.1f} s", flush=True)
+    return tokenized
