@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The paper's two-stage pipeline: SFT, then DPO starting from (and referenced to) the SFT
-# checkpoint, then a before/after table of both models on held-out data.
+# checkpoint, then a before/after table of both models on held-out data and their training curves overlaid.
 #
 #   scripts/sft_then_dpo.sh                      # the embedded tiny demo, offline on CPU
 #   scripts/sft_then_dpo.sh model=pythia28 datasets=[hh] trainer=FSDPTrainer batch_size=64 gradient_accumulation_steps=2
@@ -28,3 +28,6 @@ echo
 echo "SFT run: $sft_dir ($((sft_done - start)) s)"
 echo "DPO run: $dpo_dir ($((dpo_done - sft_done)) s)"
 "$PYTHON" scripts/compare_runs.py "$sft_dir" "$dpo_dir"
+echo
+# both stages' curves on one picture per metric, in $sft_dir/compare-plots/ (the script prints where)
+"$PYTHON" scripts/plot_runs.py "$sft_dir" "$dpo_dir"
