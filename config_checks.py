@@ -142,6 +142,8 @@ def validate_config(config: DictConfig, world_size: int) -> list[str]:
         problems.append(f"n_eval_model_samples={config.n_eval_model_samples}: must be 0 or more.")
     if not 0 < config.sampling.top_p <= 1:
         problems.append(f"sampling.top_p={config.sampling.top_p}: must be in (0, 1].")
+    if config.share_prompt and not loss.is_preference:
+        problems.append("share_prompt=true shares a prompt between the two responses of a pair; loss=sft has no pairs.")
     length = length_problem(config.max_length, config.max_prompt_length)
     if length:
         problems.append(length)

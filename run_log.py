@@ -5,11 +5,15 @@ The run folder `<first existing of local_dirs>/<exp_name>_<timestamp>/` holds:
     config.yaml               the resolved configuration
     metrics.jsonl             one JSON object per log line, against counters/examples and counters/updates
     samples/examples-N.jsonl  completions of evaluation prompts after N training examples
+    plots/*.png, report.html  pictures of the metrics and a self-contained report (plots.py), when plots.enabled
+    tensorboard/              TensorBoard event files, when tensorboard.enabled
     step-N/, LATEST/          checkpoints (checkpoints.py)
 """
 
 import datetime
 import json
+import math
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 RUN_CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_DIR = "samples"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def make_run_dir(local_dirs: Iterable[str], exp_name: str) -> Path:
@@ -83,13 +88,17 @@ class MetricSums:
 
 
 class RunLog:
-    """metrics.jsonl, samples and (when enabled) wandb of one run; on ranks other than 0 every call is a no-op."""
+    """metrics.jsonl, samples, pictures and (when enabled) wandb and TensorBoard of one run.
+
+    On ranks other than 0 every call is a no-op.
+    """
 
     def __init__(self, config: DictConfig, run_dir: Path, is_main: bool):
         self.config = config
         self.run_dir = run_dir
         self.is_main = is_main
         self.wandb_run = None
+        self.tensorboard = None
 
     def start(self) -> None:
         if not self.is_main:
@@ -106,6 +115,10 @@ class RunLog:
                 mode=wandb_config.mode,
                 config=OmegaConf.to_container(self.config, resolve=True),
             )
+        if self.config.tensorboard.enabled:
+            from torch.utils.tensorboard import SummaryWriter  # imported here: only needed when enabled
+
+            self.tensorboard = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR))
 
     def log(self, metrics: dict[str, float], examples_seen: int, optimizer_steps: int) -> None:
         """Append one line to metrics.jsonl (and wandb), against explicit counters."""
@@ -116,6 +129,22 @@ class RunLog:
             f.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log(record, step=examples_seen)
+        if self.tensorboard is not None:
+            # the same metrics against the same counter as metrics.jsonl, so curves line up across tools
+            for name, value in metrics.items():
+                if math.isfinite(value):
+                    self.tensorboard.add_scalar(name, value, global_step=examples_seen)
+            self.tensorboard.flush()
+
+    def write_report(self) -> None:
+        """plots/*.png and report.html from the files written so far, when plots.enabled."""
+        if not (self.is_main and self.config.plots.enabled):
+            return
+        import plots  # imported here: matplotlib is only needed when enabled
+
+        start = time.perf_counter()
+        written = plots.write_run_report(self.run_dir)
+        print(f"report: {written[-1]} ({len(written) - 1} pictures, {time.perf_counter() - start:.2f} s)", flush=True)
 
     def write_samples(self, samples: list[dict], examples_seen: int) -> None:
         """samples/examples-<examples_seen>.jsonl, one {"prompt", "policy"[, "reference"]} object per line."""
@@ -134,5 +163,8 @@ class RunLog:
             self.wandb_run.log({"samples": table}, step=examples_seen)
 
     def finish(self) -> None:
+        self.write_report()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

@@ -48,6 +48,7 @@ from models import block_class_name
 from optimization import make_optimizer, make_scheduler
 from reference_logps import ReferencePlan
 from run_log import MetricSums, RunLog
+from shared_prompt import attention_accepts_shared_prompt_mask, shared_prompt_batch, shared_prompt_logps
 from utils import DTYPES
 
 __all__ = ["BasicTrainer", "FSDPTrainer", "TensorParallelTrainer", "preference_loss"]
@@ -121,6 +122,7 @@ class BasicTrainer:
         self.scheduler = make_scheduler(self.optimizer, config.lr_scheduler, config.warmup_steps, self.total_steps())
         self.run_log = RunLog(config, run_dir, self.is_main)
         self.chunked_logps = False  # decided in prepare(), once the policy can be probed
+        self.prompts_shared = False  # likewise
         self.examples_seen = 0
         self.optimizer_steps = 0
 
@@ -135,6 +137,7 @@ class BasicTrainer:
     def prepare(self) -> None:
         """The work before the first step: choose the log-prob path, precompute reference log-probs, resume."""
         self.chunked_logps = self.config.logps_chunk_tokens is not None and self.logits_are_projected_hidden_states()
+        self.prompts_shared = self.config.share_prompt and self.attention_takes_shared_prompts()
         if self.reference_plan is not None and self.reference_plan.tables is None:
             self.precompute_reference_logps()
         if self.config.resume_from is not None:
@@ -202,6 +205,7 @@ class BasicTrainer:
             loss_sum = self.loss_and_metrics(self.policy, micro_batch, metrics, "train")
             (loss_sum * self.data_world_size / total_weight).backward()
         grad_norm = self.clip_gradients()
+        learning_rate = self.optimizer.param_groups[0]["lr"]  # the rate this step applies
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -210,6 +214,7 @@ class BasicTrainer:
 
         step_metrics = metrics.summed_over_ranks(self.device, self.data_world_size > 1)
         step_metrics.add("grad_norm", torch.as_tensor(float(grad_norm)))
+        step_metrics.add("lr", torch.as_tensor(learning_rate, dtype=torch.float64))
         return step_metrics
 
     def log_train_window(self, window: _LogWindow) -> None:
@@ -239,6 +244,7 @@ class BasicTrainer:
             self.run_log.write_samples(self.sample(), self.examples_seen)
         self.policy.train()
         self.run_log.log(results, self.examples_seen, self.optimizer_steps)
+        self.run_log.write_report()
         if self.is_main:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in results.items())
             print(f"eval after {self.examples_seen} examples: {shown}", flush=True)
@@ -317,13 +323,20 @@ class BasicTrainer:
     def pair_logps(
         self, model: nn.Module, examples: list[dict]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Summed chosen and rejected log-probs and token counts from ONE forward pass over both, each (batch,)."""
-        sides = ("chosen", "rejected")
-        logps, n_tokens = self.sequence_logps(
-            model,
-            [e[f"{side}_input_ids"] for side in sides for e in examples],
-            [e[f"{side}_labels"] for side in sides for e in examples],
-        )
+        """Summed chosen and rejected log-probs and token counts from ONE forward pass over both, each (batch,).
+
+        With share_prompt each pair is one row (prompt, chosen, rejected) and its prompt runs once;
+        otherwise its two sequences run side by side, padded or packed.
+        """
+        if self.prompts_shared:
+            logps, n_tokens = self.shared_prompt_logps(model, examples)
+        else:
+            sides = ("chosen", "rejected")
+            logps, n_tokens = self.sequence_logps(
+                model,
+                [e[f"{side}_input_ids"] for side in sides for e in examples],
+                [e[f"{side}_labels"] for side in sides for e in examples],
+            )
         n = len(examples)
         return logps[:n], logps[n:], n_tokens[:n], n_tokens[n:]
 
@@ -375,6 +388,32 @@ class BasicTrainer:
         if not torch.is_grad_enabled():
             self.release_gathered_weights(model)
         return result
+
+    def shared_prompt_logps(self, model: nn.Module, examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed log-probs and token counts of the chosen then the rejected responses, each prompt run once.
+
+        See shared_prompt.py for the layout; with packing several pairs share a row of max_length tokens.
+        """
+        row_tokens = self.config.max_length if self.config.packing else None
+        batch = {k: v.to(self.device) for k, v in shared_prompt_batch(examples, self.pad_token_id, row_tokens).items()}
+        chunk_tokens = self.config.logps_chunk_tokens if self.chunked_logps else None
+        with self.autocast():
+            result = shared_prompt_logps(model, batch, chunk_tokens)
+        if not torch.is_grad_enabled():
+            self.release_gathered_weights(model)
+        return result
+
+    def attention_takes_shared_prompts(self) -> bool:
+        """Whether the policy's attention computes exactly on prefix-shared rows (see shared_prompt.py)."""
+        accepted = attention_accepts_shared_prompt_mask(self.policy, self.config.max_length)
+        self.release_gathered_weights(self.policy)
+        if not accepted and self.is_main:
+            print(
+                f"note: {type(self.policy).__name__} ({self.policy.config._attn_implementation} attention) cannot take "
+                "the prefix-shared attention mask; share_prompt is ignored and pairs run as two sequences",
+                flush=True,
+            )
+        return accepted
 
     @torch.no_grad()
     def logits_are_projected_hidden_states(self) -> bool:

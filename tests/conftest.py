@@ -64,4 +64,5 @@ def equivalence_overrides(loss: str) -> list[str]:
         "lr=1e-3",
         "warmup_steps=2",
         "max_grad_norm=0.5",  # small enough that clipping is exercised
+        "plots.enabled=false",  # pictures are tested on their own (test_run_log.py, the CLI runs)
     ]

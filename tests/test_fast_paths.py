@@ -14,6 +14,8 @@ from conftest import compose_config, equivalence_overrides, run_in_processes, tr
 from safetensors.torch import load_file
 
 import trainers
+from config_checks import validate_config
+from errors import ConfigError
 
 PLAIN = ["packing=false", "logps_chunk_tokens=null", "precompute_ref_logps=false"]
 FOUR_STEPS = ["n_examples=32"]  # enough for a wrong gradient to show in later steps' metrics
@@ -109,3 +111,43 @@ def test_bfloat16_autocast_trains_close_to_float32(tmp_path):
     for want, got in zip(records_fp32, records_bf16):
         assert got["loss/train"] == pytest.approx(want["loss/train"], abs=0.05)
         assert got["loss/train"] != want["loss/train"], "autocast changed nothing: it is not applied"
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ["logps_chunk_tokens=null"],
+        ["logps_chunk_tokens=7"],
+        ["packing=true", "logps_chunk_tokens=64"],
+        ["precompute_ref_logps=true"],
+    ],
+    ids=["full-logits", "chunked", "packed-chunked", "precomputed"],
+)
+def test_shared_prompt_matches_padded_pairs(variant, tmp_path, monkeypatch):
+    calls = {"shared_prompt_batch": 0}
+    original = trainers.shared_prompt_batch
+
+    def counting(*args, **kwargs):
+        calls["shared_prompt_batch"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainers, "shared_prompt_batch", counting)
+    base = equivalence_overrides("dpo") + FOUR_STEPS
+    plain = run(tmp_path, "plain", base + PLAIN)
+    assert calls["shared_prompt_batch"] == 0
+    shared = run(tmp_path, "shared", base + PLAIN + ["share_prompt=true"] + variant)
+    assert calls["shared_prompt_batch"] > 0, "the shared-prompt layout was not used"
+    assert_same_training(plain, shared, "shared " + " ".join(variant))
+
+
+def test_shared_prompt_under_fsdp_and_tensor_parallel_matches_one_device(tmp_path):
+    base = equivalence_overrides("dpo") + FOUR_STEPS
+    plain = run(tmp_path, "plain", base + PLAIN)
+    for trainer in ("FSDPTrainer", "TensorParallelTrainer"):
+        overrides = base + ["share_prompt=true", "logps_chunk_tokens=32", f"trainer={trainer}"]
+        assert_same_training(plain, run(tmp_path, trainer, overrides, n_processes=2), trainer)
+
+
+def test_shared_prompt_with_sft_is_refused():
+    with pytest.raises(ConfigError, match="share_prompt=true .* loss=sft has no pairs"):
+        validate_config(compose_config(["loss=sft", "share_prompt=true"]), world_size=1)

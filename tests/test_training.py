@@ -123,6 +123,8 @@ def test_sft_then_dpo_from_the_command_line(tmp_path):
         "LATEST",
         "config.yaml",
         "metrics.jsonl",
+        "plots",
+        "report.html",
         "samples",
         "step-128",
         "step-64",
