@@ -1,11 +1,14 @@
 """The preference-loss family (hinge, robust, RPO, R-DPO, SimPO, ORPO), LossSpec.pair_losses, the loss config checks."""
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_config, equivalence_overrides, run_in_processes, train_records
 from omegaconf import OmegaConf
 
+from config_checks import validate_config
 from losses import (
     LOSS_KEYS,
     LOSS_NAMES,
@@ -394,3 +397,18 @@ def test_no_warnings_while_there_are_problems():
 def test_spec_reads_a_composed_omegaconf_node():
     node = OmegaConf.create({**loss_file("dpo"), "length_penalty": 0.02})
     assert LossSpec.from_config(node).length_penalty == 0.02 and loss_config_problems(node) == []
+
+
+@pytest.mark.parametrize("loss_file", sorted(p.stem for p in LOSS_DIR.glob("*.yaml")))
+def test_every_loss_file_trains_two_steps_through_train_py(loss_file, tmp_path, capsys):
+    overrides = equivalence_overrides(loss_file) + ["n_examples=16"]
+    config = compose_config(overrides)
+    validate_config(config, world_size=1)
+    run_in_processes(config, tmp_path / "run", 1)
+    records = train_records(tmp_path / "run")
+    assert len(records) == 2 and all(math.isfinite(r["loss/train"]) for r in records)
+    assert (tmp_path / "run" / "LATEST" / "model.safetensors").is_file()
+    loads_reference = LossSpec.from_config(config.loss).uses_reference
+    assert f"reference model: {loads_reference}" in capsys.readouterr().out
+    if loss_file in ("simpo", "orpo"):
+        assert not loads_reference, f"{loss_file} must not load a reference model"
