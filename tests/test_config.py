@@ -1,6 +1,7 @@
 """Every config file composes, the seed's commands compose, and bad configs fail early and clearly."""
 
 import pytest
+import torch
 from conftest import compose_config
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -112,7 +113,9 @@ def test_archive_folder_must_be_a_checkpoint(tmp_path):
 
 def test_resume_needs_a_checkpoint_of_the_same_kind_of_trainer(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    (tmp_path / "trainer_state.pt").write_bytes(b"")
+    # the trainer state a resume compares its settings with (checkpoints.resume_config_problems)
+    saved_config = OmegaConf.to_container(compose_config([]), resolve=True)
+    torch.save({"examples_seen": 0, "config": saved_config}, tmp_path / "trainer_state.pt")
     (tmp_path / "optimizer.pt").write_bytes(b"")  # what a BasicTrainer run saves
     validate_config(compose_config([f"resume_from={tmp_path}"]), world_size=1)
     with pytest.raises(ConfigError, match="resume_from=.*missing optimizer"):
