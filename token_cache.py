@@ -28,7 +28,15 @@ import preference_datasets
 from data_sources import looks_like_path
 
 # the modules whose code decides the tokens of a cached entry: editing one re-tokenizes
-CODE_MODULES = ("preference_datasets", "data_sources", "tokenization", "token_cache", "embedded")
+CODE_MODULES = (
+    "preference_datasets",
+    "conversations",
+    "data_sources",
+    "tokenization",
+    "token_cache",
+    "embedded",
+    "chat_templates",
+)
 
 # Which array each index array points into, in the cached arrays of a dataset and in the storage
 # of tokenization.TokenizedExamples: where both are validated and concatenated.
@@ -39,6 +47,7 @@ CODE_MODULES = ("preference_datasets", "data_sources", "tokenization", "token_ca
 POINTS_INTO = {
     "prompt_text_spans": "prompt_text",
     "prompt_token_spans": "prompt_tokens",
+    "prompt_messages_spans": "prompt_messages",
     "response_token_spans": "response_tokens",
     "example_prompt": "prompt_text_spans",
     "example_chosen": "response_token_spans",
@@ -59,6 +68,9 @@ _STORED_ARRAYS = {  # what a cache entry holds (see _tokenize_data): name -> (dt
     "prompt_text_spans": (np.int64, 2),
     "prompt_tokens": (np.int32, 1),
     "prompt_token_spans": (np.int64, 2),
+    "prompt_trained": (np.uint8, 1),  # 1 on prompt tokens SFT trains (earlier assistant turns), aligned with them
+    "prompt_messages": (np.uint8, 1),  # UTF-8 JSON of each conversational prompt's messages
+    "prompt_messages_spans": (np.int64, 2),  # empty for text prompts
     "response_tokens": (np.int32, 1),
     "response_token_spans": (np.int64, 2),
     "example_prompt": (np.int64, 1),
@@ -134,15 +146,24 @@ def tokenizer_identity(tokenizer, special) -> str:
             definition = b"".join(path.name.encode() + path.read_bytes() for path in files)
     versions = f"transformers {transformers.__version__} tokenizers {tokenizers.__version__}"
     described = f"{type(tokenizer).__name__} bos={special.bos} eos={special.eos} {versions}"
-    return hashlib.sha256(described.encode() + b"\0" + definition).hexdigest()
+    # the chat template renders conversational data (and is not part of the backend's definition)
+    template = json.dumps(tokenizer.chat_template, sort_keys=True)
+    return hashlib.sha256(described.encode() + b"\0" + definition + b"\0" + template.encode()).hexdigest()
 
 
 def cache_key(
-    name: str, split: str, sft_mode: bool, tokenizer_identity: str, dataset_paths: Mapping[str, str] | None
+    name: str,
+    split: str,
+    sft_mode: bool,
+    tokenizer_identity: str,
+    dataset_paths: Mapping[str, str] | None,
+    settings: Mapping | None = None,
 ) -> str:
     """Hex SHA-256 of all that one dataset's cached tokens depend on, found without loading the dataset.
 
-    Not the length settings: truncation is applied after loading, so one entry serves them all.
+    `settings`: the other settings the tokens depend on (the dataset's options, SFT on every
+    assistant turn), as plain JSON-serializable values. Not the length settings: truncation is applied after
+    loading, so one entry serves them all.
     """
     description = {
         "dataset": name,
@@ -151,6 +172,7 @@ def cache_key(
         "data": _data_identity(name, dataset_paths),
         "code": _code_identity(name),
         "tokenizer": tokenizer_identity,
+        "settings": settings,
     }
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
@@ -199,8 +221,14 @@ def _storage_problem(arrays: Mapping[str, np.ndarray], key: str) -> str | None:
         return (
             f"its per-example arrays differ in length: {[len(arrays[name]) for name in PER_EXAMPLE if name in arrays]}"
         )
-    if len(arrays["prompt_token_spans"]) != len(arrays["prompt_text_spans"]):
-        return "it has token spans and text spans for different numbers of prompts"
+    if (
+        not len(arrays["prompt_token_spans"])
+        == len(arrays["prompt_text_spans"])
+        == len(arrays["prompt_messages_spans"])
+    ):
+        return "it has token, text and message spans for different numbers of prompts"
+    if len(arrays["prompt_trained"]) != len(arrays["prompt_tokens"]):
+        return "its prompt_trained and prompt_tokens differ in length"
     for name, target in POINTS_INTO.items():
         values, size = arrays.get(name), len(arrays[target])
         if values is None or values.size == 0:

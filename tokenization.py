@@ -8,6 +8,7 @@ so later runs, with any max_length, load them in about a second without reading 
 
 import hashlib
 import itertools
+import json
 import operator
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import tqdm
 
+import chat_templates
 import preference_datasets
 import token_cache
 from errors import DatasetError
@@ -70,12 +72,16 @@ class TokenizedExamples(Sequence):
     the tokenizer adds one), chosen_input_ids (prompt + chosen response, EOS last unless
     truncated), chosen_labels (the same with IGNORE_INDEX on prompt positions), the rejected ones
     unless this is SFT data, and index (i, the position in this sequence), all lists of ints.
+    Conversational examples also have prompt_messages (the prompt's [{"role", "content"}, ...]);
+    their prompt is the chat template's text, and each response ends with its end-of-turn token
+    (chat_templates.py). SFT on every assistant turn also labels the prompt's assistant turns.
 
     `fingerprint` is a hex SHA-256 naming the content: the cache keys of the datasets (see
     tokenize_datasets) and, for a selection of them, the rows selected.
 
-    Storage, shared by every selection: each distinct prompt once (UTF-8 text, and its token ids
-    untruncated, without BOS), each distinct response once (token ids + EOS), and per stored
+    Storage, shared by every selection: each distinct prompt once (UTF-8 text, its token ids
+    untruncated, without BOS, which of them are trained, and its messages as UTF-8 JSON, empty for
+    text prompts), each distinct response once (token ids + EOS or end-of-turn), and per stored
     example its prompt's number and int64 [start, stop) spans into those token arrays, which
     say what truncation keeps. A selection is the storage plus the stored rows it shows, in order.
     """
@@ -110,18 +116,26 @@ class TokenizedExamples(Sequence):
             raise IndexError(f"example {position} of {len(self)}")
         position %= len(self)
         row, arrays = self._rows[position], self._arrays
-        text_start, text_stop = arrays["prompt_text_spans"][arrays["example_prompt"][row]]
+        prompt_number = arrays["example_prompt"][row]
+        text_start, text_stop = arrays["prompt_text_spans"][prompt_number]
         start, stop = arrays["prompt_spans"][row]
         prompt_ids = self._prompt_prefix + arrays["prompt_tokens"][start:stop].tolist()
+        # positions of earlier assistant turns that SFT on every assistant turn trains; none otherwise
+        trained = arrays["prompt_trained"][start:stop].astype(bool)
+        prompt_labels = [IGNORE_INDEX] * len(self._prompt_prefix)
+        prompt_labels += np.where(trained, arrays["prompt_tokens"][start:stop], IGNORE_INDEX).tolist()
         example = {
             "prompt": arrays["prompt_text"][text_start:text_stop].tobytes().decode(),
             "prompt_input_ids": prompt_ids,
         }
+        messages_start, messages_stop = arrays["prompt_messages_spans"][prompt_number]
+        if messages_stop > messages_start:
+            example["prompt_messages"] = json.loads(arrays["prompt_messages"][messages_start:messages_stop].tobytes())
         for side in self._sides:
             start, stop = arrays[f"{side}_spans"][row]
             response = arrays["response_tokens"][start:stop].tolist()
             example[f"{side}_input_ids"] = prompt_ids + response
-            example[f"{side}_labels"] = [IGNORE_INDEX] * len(prompt_ids) + response
+            example[f"{side}_labels"] = prompt_labels + response
         example["index"] = position
         return example
 
@@ -162,20 +176,29 @@ class TokenizedExamples(Sequence):
     @staticmethod
     def concatenate(parts: list[Mapping[str, np.ndarray]], fingerprint: str) -> "TokenizedExamples":
         """The examples of each part's storage (as _tokenize_data makes it), one part after the other."""
-        if len({int(part["bos"]) for part in parts}) != 1 or len({"rejected_spans" in part for part in parts}) != 1:
-            raise ValueError("Tokenized parts made with different tokenizers or modes cannot be concatenated.")
-        if len(parts) == 1:
-            return TokenizedExamples(parts[0], fingerprint)
-        arrays = {"bos": parts[0]["bos"]}
-        for name in parts[0].keys() - {"bos"}:
-            target = POINTS_INTO.get(name)
-            if target is None:
-                arrays[name] = np.concatenate([part[name] for part in parts])
-                continue
-            # indices into `target` move by the lengths of the earlier parts' `target`s
-            shifts = np.cumsum([0] + [len(part[target]) for part in parts[:-1]])
-            arrays[name] = np.concatenate([part[name] + shift for part, shift in zip(parts, shifts)])
-        return TokenizedExamples(arrays, fingerprint)
+        return TokenizedExamples(_concatenate_arrays(parts), fingerprint)
+
+
+def _concatenate_arrays(parts: list[Mapping[str, np.ndarray]]) -> Mapping[str, np.ndarray]:
+    """One storage (or cached dataset) holding each part's examples, one part after the other."""
+    if len({int(part["bos"]) for part in parts}) != 1 or len({_has_pairs(part) for part in parts}) != 1:
+        raise ValueError("Tokenized parts made with different tokenizers or modes cannot be concatenated.")
+    if len(parts) == 1:
+        return parts[0]
+    arrays = {"bos": parts[0]["bos"]}
+    for name in parts[0].keys() - {"bos"}:
+        target = POINTS_INTO.get(name)
+        if target is None:
+            arrays[name] = np.concatenate([part[name] for part in parts])
+            continue
+        # indices into `target` move by the lengths of the earlier parts' `target`s
+        shifts = np.cumsum([0] + [len(part[target]) for part in parts[:-1]])
+        arrays[name] = np.concatenate([part[name] + shift for part, shift in zip(parts, shifts)])
+    return arrays
+
+
+def _has_pairs(arrays: Mapping[str, np.ndarray]) -> bool:
+    return "example_rejected" in arrays or "rejected_spans" in arrays
 
 
 def _tokenize_texts(tokenizer, texts: list[str], description: str, silent: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -260,36 +283,251 @@ def _spans(offsets: np.ndarray) -> np.ndarray:
 
 
 def _tokenize_data(
-    data: dict[str, dict],
+    data: dict,
     sft_mode: bool,
     tokenizer,
     special: _SpecialTokens,
     description: str = "tokenizing",
     silent: bool = True,
+    every_assistant_turn: bool = False,
 ) -> dict[str, np.ndarray]:
     """What the cache holds for a dataset: each distinct text tokenized once, untruncated, and each example's texts.
 
     Arrays: bos (-1 for none); prompt_text (UTF-8) and prompt_text_spans; prompt_tokens (without
-    BOS) and prompt_token_spans; response_tokens (each response + EOS) and response_token_spans;
-    example_prompt, example_chosen and (not for SFT) example_rejected. Truncation is applied when
-    loading (_truncated), so the cache serves every max_length.
+    BOS), prompt_token_spans and prompt_trained (1 on the prompt tokens SFT trains); prompt_messages
+    (UTF-8 JSON) and prompt_messages_spans (empty for text prompts); response_tokens (each response
+    + EOS, or up to its end-of-turn token) and response_token_spans; example_prompt, example_chosen
+    and (not for SFT) example_rejected. Text prompts come first, then conversational ones
+    (_tokenize_conversations). Truncation is applied when loading (_truncated), so the cache serves
+    every max_length.
     """
+    texts = {prompt: entry for prompt, entry in data.items() if isinstance(prompt, str)}
+    conversations = {prompt: entry for prompt, entry in data.items() if not isinstance(prompt, str)}
+    parts = []
+    if texts or not conversations:
+        parts.append(_tokenize_text_data(texts, sft_mode, tokenizer, special, description, silent))
+    if conversations:
+        parts.append(
+            _tokenize_conversations(
+                conversations, sft_mode, tokenizer, special, every_assistant_turn, description, silent
+            )
+        )
+    return _concatenate_arrays(parts)
+
+
+def _tokenize_text_data(
+    data: dict[str, dict], sft_mode: bool, tokenizer, special: _SpecialTokens, description: str, silent: bool
+) -> dict[str, np.ndarray]:
+    """_tokenize_data for text prompts: prompts and responses tokenized apart, EOS after each response."""
     responses, numbers = _number_examples(data, sft_mode)
     prompt_tokens, prompt_offsets = _tokenize_texts(tokenizer, list(data), f"{description} prompts", silent)
     response_tokens, response_offsets = _tokenize_texts(tokenizer, responses, f"{description} responses", silent)
     response_tokens, response_offsets = _with_eos(response_tokens, response_offsets, special.eos)
-    prompt_text = [prompt.encode() for prompt in data]
-    text_offsets = np.concatenate([[0], np.cumsum([len(text) for text in prompt_text], dtype=np.int64)])
+    return _stored_arrays(
+        special,
+        list(data),
+        [np.zeros(0, dtype=np.uint8)] * len(data),
+        prompt_tokens,
+        prompt_offsets,
+        np.zeros(len(prompt_tokens), dtype=np.uint8),
+        response_tokens,
+        response_offsets,
+        numbers,
+    )
+
+
+def _stored_arrays(
+    special: _SpecialTokens,
+    prompt_texts: list[str],
+    prompt_messages: list[bytes],
+    prompt_tokens: np.ndarray,
+    prompt_offsets: np.ndarray,
+    prompt_trained: np.ndarray,
+    response_tokens: np.ndarray,
+    response_offsets: np.ndarray,
+    numbers: dict[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """The arrays of _tokenize_data from flat token arrays and (n + 1,) offsets into them."""
+
+    def packed(items: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        offsets = np.concatenate([[0], np.cumsum([len(item) for item in items], dtype=np.int64)])
+        return np.frombuffer(b"".join(items), dtype=np.uint8), _spans(offsets)
+
+    prompt_text, prompt_text_spans = packed([text.encode() for text in prompt_texts])
+    messages, messages_spans = packed(prompt_messages)
     return {
         "bos": np.array(-1 if special.bos is None else special.bos, dtype=np.int64),
-        "prompt_text": np.frombuffer(b"".join(prompt_text), dtype=np.uint8),
-        "prompt_text_spans": _spans(text_offsets),
+        "prompt_text": prompt_text,
+        "prompt_text_spans": prompt_text_spans,
         "prompt_tokens": prompt_tokens,
         "prompt_token_spans": _spans(prompt_offsets),
+        "prompt_trained": prompt_trained,
+        "prompt_messages": messages,
+        "prompt_messages_spans": messages_spans,
         "response_tokens": response_tokens,
         "response_token_spans": _spans(response_offsets),
         **numbers,
     }
+
+
+def _token_lists(tokenizer, texts: list[str | None], description: str, silent: bool) -> list[np.ndarray | None]:
+    """Token ids (no special tokens added; those written in the text are kept) of each text; None stays None."""
+    tokens, offsets = _tokenize_texts(tokenizer, [text or "" for text in texts], description, silent)
+    return [None if text is None else tokens[offsets[i] : offsets[i + 1]] for i, text in enumerate(texts)]
+
+
+def _answer_tokens(
+    prompt: np.ndarray, whole: np.ndarray, end_of_turn: int | None, eos: int | None
+) -> np.ndarray | None:
+    """What `whole` adds after `prompt`, up to and including the first end-of-turn token (+ eos without one).
+
+    None when `prompt` is not a prefix of `whole`, or the answer has no end-of-turn token.
+    """
+    n_prompt = len(prompt)
+    if len(whole) <= n_prompt or not np.array_equal(whole[:n_prompt], prompt):
+        return None
+    answer = whole[n_prompt:]
+    if end_of_turn is None:
+        return answer if eos is None else np.append(answer, np.int32(eos))
+    ends = np.flatnonzero(answer == end_of_turn)
+    return answer[: ends[0] + 1] if ends.size else None
+
+
+def _tokenize_conversations(
+    data: dict[tuple, dict],
+    sft_mode: bool,
+    tokenizer,
+    special: _SpecialTokens,
+    every_assistant_turn: bool,
+    description: str,
+    silent: bool,
+) -> dict[str, np.ndarray]:
+    """_tokenize_data for conversational prompts, rendered with the chat template (chat_templates.py).
+
+    Prompt tokens: the template applied to the prompt's messages with the generation prompt (a
+    leading BOS is left to the stored prefix, so it is never doubled). Response tokens: what the
+    whole conversation adds after them, up to its end-of-turn token. Examples whose prompt tokens
+    are not a prefix of the whole conversation's (or that the template refuses) are left out, and
+    their number and one of them reported.
+    """
+    prompts = [chat_templates.as_dicts(prompt) for prompt in data]
+    wanted = [[entry["sft_target"]] if sft_mode else entry["responses"] for entry in data.values()]
+    combinations = [(number, response) for number, responses in enumerate(wanted) for response in responses]
+    whole = [prompts[number] + [{"role": "assistant", "content": response}] for number, response in combinations]
+    prompt_texts = chat_templates.render(tokenizer, prompts, True)
+    prompt_ids = _token_lists(tokenizer, prompt_texts, f"{description} prompts", silent)
+    whole_ids = _token_lists(
+        tokenizer, chat_templates.render(tokenizer, whole, False), f"{description} conversations", silent
+    )
+    end_of_turn = chat_templates.end_of_turn_id(tokenizer)
+    trained = [None if ids is None else np.zeros(len(ids), dtype=np.uint8) for ids in prompt_ids]
+    if sft_mode and every_assistant_turn:
+        trained = _trained_assistant_turns(tokenizer, prompts, prompt_ids, end_of_turn, description, silent)
+    answers = {}
+    for (number, response), ids in zip(combinations, whole_ids):
+        aligned = trained[number] is not None and ids is not None
+        answers[number, response] = (
+            _answer_tokens(prompt_ids[number], ids, end_of_turn, special.eos) if aligned else None
+        )
+    misaligned = [(prompts[number], response) for (number, response), tokens in answers.items() if tokens is None]
+    if misaligned and not silent:
+        prompt, response = misaligned[0]
+        print(
+            f"{description}: left out {len(misaligned)} of {len(answers)} prompt-response combinations whose chat "
+            "template does not extend the prompt's tokens with the answer (it re-renders earlier turns, refuses "
+            f"the roles, or ends the answer without an end-of-turn token), e.g. {prompt!r} -> {response!r}",
+            flush=True,
+        )
+    numbers, response_tokens, response_offsets = _number_conversation_examples(data, sft_mode, answers)
+    stored_ids, stored_trained = [], []
+    for ids, mask in zip(prompt_ids, trained):
+        if ids is None or mask is None:  # no example uses this prompt
+            ids, mask = np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.uint8)
+        if special.bos is not None and ids[:1].tolist() == [special.bos]:
+            ids, mask = ids[1:], mask[1:]  # TokenizedExamples puts the BOS back in front
+        stored_ids.append(ids)
+        stored_trained.append(mask)
+    prompt_offsets = np.concatenate([[0], np.cumsum([len(ids) for ids in stored_ids], dtype=np.int64)])
+    return _stored_arrays(
+        special,
+        [text or "" for text in prompt_texts],
+        [json.dumps(prompt).encode() for prompt in prompts],
+        np.concatenate(stored_ids).astype(np.int32),
+        prompt_offsets,
+        np.concatenate(stored_trained).astype(np.uint8),
+        response_tokens,
+        response_offsets,
+        numbers,
+    )
+
+
+def _trained_assistant_turns(
+    tokenizer, prompts: list[list[dict]], prompt_ids: list, end_of_turn: int | None, description: str, silent: bool
+) -> list[np.ndarray | None]:
+    """Per prompt, 1 on the tokens of its assistant turns (content and end-of-turn): what SFT on every turn trains.
+
+    Each turn is found as the final answer is: rendering the conversation before it with the
+    generation prompt, and through it. None for a prompt whose turns do not line up with its tokens.
+    """
+    jobs = [
+        (number, turn)
+        for number, prompt in enumerate(prompts)
+        for turn, message in enumerate(prompt)
+        if prompt_ids[number] is not None and turn > 0 and message["role"] == "assistant"
+    ]
+    befores = chat_templates.render(tokenizer, [prompts[number][:turn] for number, turn in jobs], True)
+    throughs = chat_templates.render(tokenizer, [prompts[number][: turn + 1] for number, turn in jobs], False)
+    befores = _token_lists(tokenizer, befores, f"{description} earlier turns", silent)
+    throughs = _token_lists(tokenizer, throughs, f"{description} earlier turns", silent)
+    masks = [None if ids is None else np.zeros(len(ids), dtype=np.uint8) for ids in prompt_ids]
+    for (number, _), before, through in zip(jobs, befores, throughs):
+        if masks[number] is None:
+            continue
+        answer = None if before is None or through is None else _answer_tokens(before, through, end_of_turn, None)
+        ids, start = prompt_ids[number], 0 if before is None else len(before)
+        if answer is None or not np.array_equal(ids[: start + len(answer)], np.concatenate([before, answer])):
+            masks[number] = None
+            continue
+        masks[number][start : start + len(answer)] = 1
+    return masks
+
+
+def _number_conversation_examples(
+    data: dict[tuple, dict], sft_mode: bool, answers: Mapping[tuple[int, str], np.ndarray | None]
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Per example its prompt's and responses' numbers, and the distinct response tokens (flat, and (n + 1,) offsets).
+
+    Responses are numbered by their tokens, which under a template may depend on the prompt.
+    Examples with a misaligned response (None in `answers`) are left out.
+    """
+    number_of: dict[bytes, int] = {}
+    pieces: list[np.ndarray] = []
+
+    def number(tokens: np.ndarray) -> int:
+        key = tokens.tobytes()
+        if key not in number_of:
+            number_of[key] = len(pieces)
+            pieces.append(tokens)
+        return number_of[key]
+
+    example_prompt, chosen, rejected = [], [], []
+    for prompt_number, entry in enumerate(data.values()):
+        responses = entry["responses"]
+        sides = [(entry["sft_target"],)] if sft_mode else [(responses[a], responses[b]) for a, b in entry["pairs"]]
+        for texts in sides:
+            tokens = [answers[prompt_number, text] for text in texts]
+            if any(side is None for side in tokens):
+                continue
+            example_prompt.append(prompt_number)
+            chosen.append(number(tokens[0]))
+            if not sft_mode:
+                rejected.append(number(tokens[1]))
+    numbers = {"example_prompt": example_prompt, "example_chosen": chosen}
+    if not sft_mode:
+        numbers["example_rejected"] = rejected
+    offsets = np.concatenate([[0], np.cumsum([len(piece) for piece in pieces], dtype=np.int64)])
+    flat = np.concatenate([np.zeros(0, dtype=np.int32)] + pieces).astype(np.int32)
+    return {name: np.array(values, dtype=np.int64) for name, values in numbers.items()}, flat, offsets
 
 
 def _truncated(
@@ -321,7 +559,17 @@ def _truncated(
     room = max_length - n_prefix - kept
     arrays = {
         name: tokenized[name]
-        for name in ("bos", "prompt_text", "prompt_text_spans", "prompt_tokens", "response_tokens")
+        for name in (
+            "bos",
+            "prompt_text",
+            "prompt_text_spans",
+            "prompt_tokens",
+            "prompt_token_spans",
+            "prompt_trained",
+            "prompt_messages",
+            "prompt_messages_spans",
+            "response_tokens",
+        )
     }
     arrays["example_prompt"] = tokenized["example_prompt"]
     arrays["prompt_spans"] = np.stack([prompt_starts, prompt_starts + kept], axis=1)
@@ -330,6 +578,22 @@ def _truncated(
             [spans[:, 0], spans[:, 0] + np.minimum(response_lengths[side], room)], axis=1
         )
     return arrays
+
+
+def _without_cut_conversations(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+    """The arrays without the conversational examples whose prompt truncation cut, and how many those were.
+
+    Cutting a rendered conversation would cut through the template's special tokens (or drop the
+    generation prompt), so such examples are dropped instead, and counted.
+    """
+    prompt_numbers = arrays["example_prompt"]
+    messages = arrays["prompt_messages_spans"][prompt_numbers]
+    stored = arrays["prompt_token_spans"][prompt_numbers]
+    kept = arrays["prompt_spans"]
+    cut = (messages[:, 1] > messages[:, 0]) & (kept[:, 1] - kept[:, 0] < stored[:, 1] - stored[:, 0])
+    if not cut.any():
+        return arrays, 0
+    return {name: values[~cut] if name in PER_EXAMPLE else values for name, values in arrays.items()}, int(cut.sum())
 
 
 def _without_identical_pairs(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
@@ -378,17 +642,24 @@ def tokenize_datasets(
     dataset_paths: Mapping[str, str] | None = None,
     silent: bool = False,
     tokenized_cache_dir: str | None = None,
+    dataset_options: Mapping[str, Mapping] | None = None,
+    every_assistant_turn: bool = False,
 ) -> tuple[TokenizedExamples, int]:
     """Tokenized examples of all the datasets, in dataset then prompt order, and the number dropped.
 
     SFT: one example per prompt (its sft_target, no rejected). Otherwise one per pair; pairs
     whose chosen and rejected token ids are identical after truncation are dropped and counted.
+    Conversational prompts are rendered with tokenizer.chat_template (chat_templates.py); those
+    that truncation would cut are dropped and counted too. every_assistant_turn: SFT trains on
+    every assistant turn of a conversation, not only the last. dataset_options: each loader's
+    keyword arguments (preference_datasets.get_dataset).
 
     With tokenized_cache_dir, each dataset's tokens (untruncated) are stored there as one .npz,
     keyed by a hash of: the dataset and its source (a file's or a local copy's sizes and mtimes,
-    or the Hub id), the split, sft_mode, the tokenizer, and the code of this module and
-    embedded.py. A later call with the same key loads them without reading the raw data, for
-    any max_length. The examples' fingerprint hashes these keys and the length settings.
+    or the Hub id), the split, sft_mode, the tokenizer and its chat template, the dataset's options,
+    every_assistant_turn, and the code (token_cache.CODE_MODULES). A later call with the same key
+    loads them without reading the raw data, for any max_length. The examples' fingerprint hashes
+    these keys and the length settings.
     """
     if not names:
         raise DatasetError("No datasets given: name at least one, e.g. datasets=[hh].")
@@ -397,7 +668,9 @@ def tokenize_datasets(
     tokenizer_identity = token_cache.tokenizer_identity(tokenizer, special)
     keys, parts, n_dropped = [], [], 0
     for name in names:
-        key = token_cache.cache_key(name, split, sft_mode, tokenizer_identity, dataset_paths)
+        options = (dataset_options or {}).get(name)
+        settings = {"dataset_options": options, "every_assistant_turn": every_assistant_turn and sft_mode}
+        key = token_cache.cache_key(name, split, sft_mode, tokenizer_identity, dataset_paths, settings)
         label = f"tokenized {name} {split}"
         path = (
             None
@@ -406,7 +679,10 @@ def tokenize_datasets(
         )
         tokenized = None if path is None else token_cache.read_cache_entry(path, key, label, silent)
         if tokenized is None:
-            tokenized = _tokenize_dataset(name, split, sft_mode, tokenizer, special, cache_dir, dataset_paths, silent)
+            tokenized = _tokenize_dataset(
+                name, split, sft_mode, tokenizer, special, cache_dir, dataset_paths, dataset_options,
+                every_assistant_turn, silent,
+            )  # fmt: skip
             if path is not None:
                 try:
                     token_cache.write_cache_entry(path, tokenized, key)
@@ -418,9 +694,17 @@ def tokenize_datasets(
                             f"{label}: could not cache the tokens at {path} ({error}), so the next run tokenizes again."
                         )
         truncated = _truncated(tokenized, preference_datasets.truncation_mode_for(name), max_length, max_prompt_length)
+        truncated, n_cut = _without_cut_conversations(truncated)
+        if n_cut and not silent:
+            print(
+                f"{label}: dropped {n_cut} conversational examples whose prompt is longer than max_prompt_length="
+                f"{max_prompt_length} (cutting it would cut the chat template's turns); raise max_prompt_length "
+                "and max_length to keep them.",
+                flush=True,
+            )
         part, n_dropped_here = _without_identical_pairs(truncated)
         parts.append(part)
-        n_dropped += n_dropped_here
+        n_dropped += n_dropped_here + n_cut
         keys.append(key)
     settings = f"max_length={max_length} max_prompt_length={max_prompt_length}"
     fingerprint = hashlib.sha256("\n".join(keys + [settings]).encode()).hexdigest()
@@ -435,12 +719,18 @@ def _tokenize_dataset(
     special: _SpecialTokens,
     cache_dir: str | None,
     dataset_paths: Mapping[str, str] | None,
+    dataset_options: Mapping[str, Mapping] | None,
+    every_assistant_turn: bool,
     silent: bool,
 ) -> dict[str, np.ndarray]:
     """Load, parse and tokenize one dataset (see _tokenize_data), saying how long it took."""
     start = time.perf_counter()
-    data = preference_datasets.get_dataset(name, split, silent=silent, cache_dir=cache_dir, dataset_paths=dataset_paths)
-    tokenized = _tokenize_data(data, sft_mode, tokenizer, special, f"tokenizing {name} {split}", silent)
+    data = preference_datasets.get_dataset(
+        name, split, silent=silent, cache_dir=cache_dir, dataset_paths=dataset_paths, sft_mode=sft_mode,
+        dataset_options=dataset_options,
+    )  # fmt: skip
+    description = f"tokenizing {name} {split}"
+    tokenized = _tokenize_data(data, sft_mode, tokenizer, special, description, silent, every_assistant_turn)
     if not silent:
         seconds = time.perf_counter() - start
         print(f"tokenized {name} {split}: {len(tokenized['example_prompt'])} examples in {seconds:.1f} s", flush=True)

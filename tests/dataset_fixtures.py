@@ -12,6 +12,7 @@ leaves them, including its `.cache/huggingface/` bookkeeping and `.gitattributes
 """
 
 import gzip
+import hashlib
 import json
 from pathlib import Path
 
@@ -238,3 +239,53 @@ def byte_tokenizer(adds_bos: bool = False, n_merges: int = 0) -> PreTrainedToken
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN
     )
+
+
+# ----- HuggingFaceH4/ultrafeedback_binarized ------------------------------------------------
+
+ULTRAFEEDBACK_SPLITS = ("train_prefs", "test_prefs", "train_sft", "test_sft", "train_gen", "test_gen")
+_MESSAGES = pa.list_(pa.struct([("content", pa.string()), ("role", pa.string())]))
+ULTRAFEEDBACK_SCHEMA = pa.schema(
+    [
+        ("prompt", pa.string()),
+        ("prompt_id", pa.string()),
+        ("chosen", _MESSAGES),
+        ("rejected", _MESSAGES),
+        ("messages", _MESSAGES),
+        ("score_chosen", pa.float64()),
+        ("score_rejected", pa.float64()),
+    ]
+)
+
+
+def ultrafeedback_row(prompt: str, chosen: str, rejected: str, score_chosen: float = 8.0) -> dict:
+    """A row as on the Hub: the prompt, two whole conversations, `messages` the chosen one, and the ratings."""
+
+    def conversation(answer: str) -> list[dict]:
+        return [{"content": prompt, "role": "user"}, {"content": answer, "role": "assistant"}]
+
+    return {
+        "prompt": prompt,
+        "prompt_id": hashlib.sha256(prompt.encode()).hexdigest(),
+        "chosen": conversation(chosen),
+        "rejected": conversation(rejected),
+        "messages": conversation(chosen),
+        "score_chosen": score_chosen,
+        "score_rejected": score_chosen - 3.0,
+    }
+
+
+def write_ultrafeedback_repo(root: Path, rows: dict[str, list[dict]]) -> Path:
+    """ultrafeedback_binarized layout: data/<split>-00000-of-00001-<hash>.parquet per split, README with configs."""
+    files = []
+    for number, split in enumerate(ULTRAFEEDBACK_SPLITS):
+        file = f"data/{split}-00000-of-00001-{number:016x}.parquet"
+        (root / file).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows.get(split, []), schema=ULTRAFEEDBACK_SCHEMA), root / file)
+        files.append(file)
+    configs = "".join(f"  - split: {split}\n    path: data/{split}-*\n" for split in ULTRAFEEDBACK_SPLITS)
+    (root / "README.md").write_text(
+        f"---\nlicense: mit\nconfigs:\n- config_name: default\n  data_files:\n{configs}---\n# UltraFeedback Binarized\n"
+    )
+    _write_download_leftovers(root, files)
+    return root

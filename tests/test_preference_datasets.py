@@ -366,7 +366,7 @@ def test_unknown_dataset_lists_the_known_ones_and_file_paths():
     with pytest.raises(DatasetError) as error:
         get_dataset("hhh", "train")
     message = str(error.value)
-    assert "Unknown dataset 'hhh'. Known: hh, numbers, se, shp;" in message
+    assert "Unknown dataset 'hhh'. Known: hh, numbers, se, shp, ultrafeedback;" in message
     assert ".jsonl/.json/.parquet" in message and "get_hhh(split" in message
 
 
