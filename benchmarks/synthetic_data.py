@@ -4,11 +4,16 @@ Two kinds, both as {"prompt", "chosen", "rejected"} strings so that this project
 tokenize the same text:
 
 - `hh_like_pairs`: Anthropic-HH's format ("\\n\\nHuman: ...\\n\\nAssistant:" prompts, responses
-  starting with a space) and an HH-like length mix: prompts of 20-300 tokens and responses of
-  a few to a few hundred tokens, both log-uniform. Every pair fits in max_length, so no
-  truncation rule (ours or TRL's) changes a token and both sides train on identical ids.
+  starting with a space) and an HH-like length mix: by default prompts of 20-300 tokens and
+  responses of a few to a few hundred tokens, both log-uniform (the ranges are arguments). Every
+  pair fits in max_length, so no truncation rule (ours or TRL's) changes a token and both sides
+  train on identical ids.
 - `fixed_length_pairs` with `word_level_tokenizer`: one word per token id of a large vocabulary
   ("t17 t90321 ..."), every sequence exactly max_length tokens: a pure memory workload.
+
+`word_level_tokenizer(vocab_size, HH_VOCABULARY)` is a stand-in for a real model's tokenizer
+where none is at hand (no download): its vocabulary has the real one's size, and
+`hh_like_pairs` text tokenizes into one id per word.
 """
 
 import math
@@ -32,6 +37,8 @@ PROMPT_TOKENS = (20, 300)  # log-uniform range of a prompt's length in tokens
 RESPONSE_TOKENS = (3, 400)  # log-uniform range of a response's length in tokens
 EOS_TOKEN = "<eos>"
 PAD_TOKEN = "<pad>"
+# every whitespace-separated piece of hh_like_pairs text: the words and the turn markers
+HH_VOCABULARY = tuple(dict.fromkeys(WORDS)) + (HUMAN_TURN.strip(), ASSISTANT_TURN.strip())
 
 
 def _log_uniform(rng: random.Random, low: int, high: int) -> int:
@@ -52,18 +59,31 @@ def _n_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def hh_like_pairs(tokenizer, n_pairs: int, max_length: int, seed: int = 0) -> list[dict[str, str]]:
-    """n_pairs HH-format pairs with an HH-like length mix; prompt + longer response + EOS fits max_length."""
+def hh_like_pairs(
+    tokenizer,
+    n_pairs: int,
+    max_length: int,
+    seed: int = 0,
+    prompt_tokens: tuple[int, int] = PROMPT_TOKENS,
+    response_tokens: tuple[int, int] = RESPONSE_TOKENS,
+) -> list[dict[str, str]]:
+    """n_pairs HH-format pairs with an HH-like length mix; prompt + longer response + EOS fits max_length.
+
+    Prompt and response lengths are drawn log-uniformly from the (low, high) token ranges;
+    a response is cut short where the prompt leaves it less room.
+    """
+    if prompt_tokens[1] + 16 > max_length:  # the turn markers and a response need room beside the prompt
+        raise ValueError(f"prompts of up to {prompt_tokens[1]} tokens leave no room for a response in {max_length}.")
     rng = random.Random(seed)
     word_tokens = {word: _n_tokens(tokenizer, " " + word) for word in WORDS}
     pairs = []
     for _ in range(n_pairs):
-        prompt_words = _words(rng, _log_uniform(rng, *PROMPT_TOKENS), word_tokens)
+        prompt_words = _words(rng, _log_uniform(rng, *prompt_tokens), word_tokens)
         prompt = HUMAN_TURN + " " + " ".join(prompt_words) + ASSISTANT_TURN
         budget = max_length - 1 - _n_tokens(tokenizer, prompt)  # room left for a response and its EOS
         responses = []
         for _ in ("chosen", "rejected"):
-            words = _words(rng, min(_log_uniform(rng, *RESPONSE_TOKENS), budget), word_tokens)
+            words = _words(rng, min(_log_uniform(rng, *response_tokens), budget), word_tokens)
             while _n_tokens(tokenizer, " " + " ".join(words)) > budget:
                 words.pop()
             responses.append(" " + " ".join(words))
@@ -71,9 +91,13 @@ def hh_like_pairs(tokenizer, n_pairs: int, max_length: int, seed: int = 0) -> li
     return pairs
 
 
-def word_level_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """A tokenizer with one whitespace-separated word per id: "t0" ... plus EOS and PAD as the last two ids."""
-    vocab = {f"t{i}": i for i in range(vocab_size - 2)}
+def word_level_tokenizer(vocab_size: int, words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A tokenizer with one whitespace-separated word per id: `words`, then "t0" ... to fill vocab_size,
+    then EOS and PAD as the last two ids (unknown words read as PAD)."""
+    if len(words) + 2 > vocab_size:
+        raise ValueError(f"{len(words)} words and EOS and PAD do not fit in a vocabulary of {vocab_size}.")
+    vocab = {word: i for i, word in enumerate(words)}
+    vocab |= {f"t{i}": len(words) + i for i in range(vocab_size - 2 - len(words))}
     vocab[EOS_TOKEN], vocab[PAD_TOKEN] = vocab_size - 2, vocab_size - 1
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=PAD_TOKEN))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
