@@ -6,8 +6,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+import lora
 import preference_datasets
-from checkpoints import archive_problem, resume_problem
+from chat_templates import chat_template_problem
+from checkpoints import AUTO, archive_problem, resume_config_problems, resume_problem
 from errors import ConfigError
 from losses import LossSpec, loss_config_problems, loss_config_warnings
 from optimization import optimization_problems
@@ -29,6 +31,30 @@ def _check_choice(key: str, value, allowed: Iterable, problems: list[str]) -> No
     allowed = tuple(allowed)
     if value not in allowed:
         problems.append(f"{key}={value}: must be one of {', '.join(map(str, allowed))}.")
+
+
+def _check_float16(config: DictConfig, problems: list[str]) -> None:
+    """float16 training without loss scaling underflows gradients; the trainer does no loss scaling.
+
+    Measured on SmolLM2-135M: 28% of a q_proj gradient's entries became 0, relative error 0.31
+    against float32 (bfloat16, which has float32's exponent range: 0.035).
+    """
+    for key in ("autocast_dtype", "model.fsdp_policy_mp", "model.policy_dtype"):
+        if OmegaConf.select(config, key) == "float16":
+            problems.append(
+                f"{key}=float16: training in float16 needs loss scaling, which this trainer does not do, so "
+                f"small gradients become 0. Use {key}=bfloat16 (same speed on GPUs since Ampere, float32's range)."
+            )
+
+
+def _check_lengths_of_run(config: DictConfig, problems: list[str]) -> None:
+    if config.n_epochs is None and config.n_examples is None:
+        problems.append("n_epochs=null and n_examples=null: set n_examples (n_epochs=null means: stop after it).")
+    if config.n_examples is not None and 0 < config.n_examples < config.batch_size:
+        problems.append(
+            f"n_examples={config.n_examples} is smaller than batch_size={config.batch_size}: not one optimizer "
+            "step would run. Raise n_examples or lower batch_size."
+        )
 
 
 def _check_model(model: DictConfig, problems: list[str]) -> None:
@@ -56,12 +82,19 @@ def _check_model(model: DictConfig, problems: list[str]) -> None:
             problems.append(problem)
 
 
-def _check_resume(config: DictConfig, problems: list[str]) -> None:
+def _check_resume(config: DictConfig, world_size: int, problems: list[str]) -> None:
     if config.resume_from is None:
         return
-    problem = resume_problem(Path(config.resume_from), config.trainer != "BasicTrainer", config.trainer)
+    if config.resume_from == AUTO:
+        problems.append("resume_from=auto reached validation unresolved: train.py's main() resolves it first.")
+        return
+    problem = resume_problem(
+        Path(config.resume_from), config.trainer != "BasicTrainer", config.trainer, lora=config.lora.enabled
+    )
     if problem:
         problems.append(problem)
+    else:
+        problems += resume_config_problems(Path(config.resume_from), config, world_size)
 
 
 def _check_batches(config: DictConfig, world_size: int, problems: list[str]) -> None:
@@ -151,10 +184,16 @@ def validate_config(config: DictConfig, world_size: int) -> list[str]:
         problems.append("device=cuda but no CUDA device is visible; use device=auto or device=cpu.")
     if not config.local_dirs:
         problems.append("local_dirs=[]: give at least one folder for run outputs.")
+    _check_float16(config, problems)
+    _check_lengths_of_run(config, problems)
     _check_model(config.model, problems)
-    _check_resume(config, problems)
+    problems += lora.config_problems(config)
+    _check_resume(config, world_size, problems)
     _check_batches(config, world_size, problems)
     _check_datasets(config, problems)
+    template = chat_template_problem(config.chat_template)
+    if template:
+        problems.append(template)
     if problems:
         raise ConfigError(problems)
     return loss_config_warnings(config.loss)

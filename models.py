@@ -1,5 +1,7 @@
 """Loading tokenizers and models (pretrained, from an earlier stage, or built fresh), and naming their weights."""
 
+import hashlib
+import re
 from pathlib import Path
 
 import torch
@@ -7,7 +9,9 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+import checkpoints
 import embedded
+import lora
 from errors import ModelLoadError
 from utils import DTYPES
 
@@ -64,7 +68,9 @@ def _from_scratch_config(model_config: DictConfig, tokenizer, max_length: int) -
     )
 
 
-def _load_pretrained(source: str, model_config: DictConfig, dtype: torch.dtype) -> PreTrainedModel:
+def _load_pretrained(
+    source: str, model_config: DictConfig, dtype: torch.dtype, load_in_4bit: bool = False
+) -> PreTrainedModel:
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=model_config.trust_remote_code)
         _zero_dropout(config)
@@ -74,9 +80,18 @@ def _load_pretrained(source: str, model_config: DictConfig, dtype: torch.dtype) 
             dtype=dtype,
             attn_implementation=model_config.attn_implementation,
             trust_remote_code=model_config.trust_remote_code,
+            # bitsandbytes quantizes while the weights move to the GPU
+            quantization_config=lora.quantization_config(dtype) if load_in_4bit else None,
+            device_map={"": torch.cuda.current_device()} if load_in_4bit else None,
         )
     except OSError as error:
         raise _hub_failure(source, error) from error
+
+
+# Buffers that transformers 4.29 (the reference scripts' version) kept in state dicts and current
+# models rebuild instead: GPT-2's causal mask (attn.bias, attn.masked_bias), GPT-NeoX's
+# (attention.bias, attention.masked_bias) and the rotary frequencies of GPT-NeoX and Llama.
+OLD_BUFFER_KEY = re.compile(r"\.(attn|attention)\.(bias|masked_bias)$|\.rotary_emb\.inv_freq$")
 
 
 def _load_reference_scripts_archive(model: PreTrainedModel, path: Path) -> None:
@@ -89,23 +104,35 @@ def _load_reference_scripts_archive(model: PreTrainedModel, path: Path) -> None:
     result = model.load_state_dict(archive["state"], strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
+    old_buffers = [k for k in result.unexpected_keys if OLD_BUFFER_KEY.search(k)]
+    unexpected = [k for k in result.unexpected_keys if k not in old_buffers]
+    if missing or unexpected:
         raise ModelLoadError(
             f"model.archive={path} does not match the model {model.config.name_or_path or model.config.model_type}: "
-            f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}. Is model= the model that was trained?"
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}. Is model= the model that was trained?"
+        )
+    if old_buffers:
+        print(
+            f"model.archive={path}: ignored {len(old_buffers)} non-parameter buffers of older transformers "
+            f"(e.g. {old_buffers[0]}); current models recompute them",
+            flush=True,
         )
     model.tie_weights()
 
 
-def load_model(model_config: DictConfig, dtype_name: str, tokenizer, max_length: int, seed: int) -> PreTrainedModel:
+def load_model(
+    model_config: DictConfig, dtype_name: str, tokenizer, max_length: int, seed: int, load_in_4bit: bool = False
+) -> PreTrainedModel:
     """The policy or reference model: an earlier stage's checkpoint, pretrained weights, or fresh weights.
 
     Models built from scratch draw their weights from `seed`, so two calls give the same model.
+    An archive holding only a LoRA adapter (a LoRA run's step-N) is merged into the base weights.
+    `load_in_4bit`: the frozen base of QLoRA, in NF4 on the GPU (lora.load_in_4bit).
     """
     dtype = DTYPES[dtype_name]
     archive = Path(model_config.archive) if model_config.archive else None
-    if archive is not None and archive.is_dir():
-        model = _load_pretrained(str(archive), model_config, dtype)
+    if archive is not None and (archive / checkpoints.MODEL_CONFIG_FILE).is_file():
+        model = _load_pretrained(str(archive), model_config, dtype, load_in_4bit)
     elif model_config.from_scratch is not None:
         config = _from_scratch_config(model_config, tokenizer, max_length)
         config._attn_implementation = model_config.attn_implementation or "sdpa"
@@ -113,9 +140,11 @@ def load_model(model_config: DictConfig, dtype_name: str, tokenizer, max_length:
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
-        model = _load_pretrained(model_config.name_or_path, model_config, dtype)
+        model = _load_pretrained(model_config.name_or_path, model_config, dtype, load_in_4bit)
     if archive is not None and archive.is_file():
         _load_reference_scripts_archive(model, archive)
+    elif archive is not None and not (archive / checkpoints.MODEL_CONFIG_FILE).is_file():
+        model = lora.merge_adapter(model, checkpoints.adapter_dir(archive))
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -134,11 +163,24 @@ def _file_stats(path: Path) -> list[tuple[str, int, int]]:
     return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
+def _model_config_digest(path: Path) -> str | None:
+    """sha256 of a model folder's config.json (the architecture: activation, norms, rotary settings), or None.
+
+    Hashed by content, not by size and time: a same-length edit (hidden_act silu -> gelu) changes
+    every log-prob, and the file is small.
+    """
+    config_file = path / "config.json"
+    if not (path.is_dir() and config_file.is_file()):
+        return None
+    return hashlib.sha256(config_file.read_bytes()).hexdigest()
+
+
 def weights_fingerprint(model_config: DictConfig, seed: int) -> dict:
     """What identifies the weights load_model would produce, without loading them.
 
     Local files are identified by name, size and modification time (reading gigabytes to
-    hash them would cost what caching saves); a Hub model by its id (pin a revision by
+    hash them would cost what caching saves), and a model folder's config.json by its content;
+    a Hub model by its id (pin a revision by
     downloading it, then pass the folder); a model built from scratch by its shape and seed.
     """
     fingerprint: dict = {"name_or_path": model_config.name_or_path}
@@ -147,9 +189,12 @@ def weights_fingerprint(model_config: DictConfig, seed: int) -> dict:
         fingerprint["seed"] = seed
     elif Path(model_config.name_or_path).exists():
         fingerprint["files"] = _file_stats(Path(model_config.name_or_path))
+        fingerprint["config"] = _model_config_digest(Path(model_config.name_or_path))
     if model_config.archive:
         archive = Path(model_config.archive).resolve()
-        fingerprint["archive"] = [str(archive), _file_stats(archive)]
+        fingerprint["archive"] = [str(archive), _file_stats(archive), _model_config_digest(archive)]
+        if not (archive / checkpoints.MODEL_CONFIG_FILE).is_file() and checkpoints.holds_adapter(archive):
+            fingerprint["archive_adapter"] = _file_stats(checkpoints.adapter_dir(archive))
     return fingerprint
 
 

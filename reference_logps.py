@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 
+import lora
 from batching import training_order
 from models import weights_fingerprint
 from tokenization import TokenizedExamples
@@ -47,7 +48,7 @@ def cache_file(config: DictConfig, examples: TokenizedExamples) -> Path | None:
     key = {
         "format": FORMAT,
         "weights": weights_fingerprint(config.model, config.seed),
-        "reference_dtype": config.model.reference_dtype,
+        "reference_dtype": lora.reference_dtype_name(config),  # a LoRA run's reference is its base
         "autocast_dtype": config.autocast_dtype,
         "fsdp_policy_mp": config.model.fsdp_policy_mp if config.trainer == "FSDPTrainer" else None,
         "examples": examples.fingerprint,

@@ -138,8 +138,8 @@ class RunLog:
 
     def write_report(self) -> None:
         """plots/*.png and report.html from the files written so far, when plots.enabled."""
-        if not (self.is_main and self.config.plots.enabled):
-            return
+        if not (self.is_main and self.config.plots.enabled and (self.run_dir / METRICS_FILE).exists()):
+            return  # (a run resumed at its end logs nothing: no pictures to draw)
         import plots  # imported here: matplotlib is only needed when enabled
 
         start = time.perf_counter()
@@ -159,7 +159,9 @@ class RunLog:
             import wandb
 
             columns = ["prompt"] + [k for k in samples[0] if k != "prompt"] if samples else ["prompt"]
-            table = wandb.Table(columns=columns, data=[[s[c] for c in columns] for s in samples])
+            # wandb tables hold text: a conversation's messages are shown as their JSON
+            rows = [[s[c] if isinstance(s[c], str) else json.dumps(s[c]) for c in columns] for s in samples]
+            table = wandb.Table(columns=columns, data=rows)
             self.wandb_run.log({"samples": table}, step=examples_seen)
 
     def finish(self) -> None:

@@ -18,11 +18,15 @@ import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel
 
+import checkpoints
+import lora
+import stopping
 import trainers
+from chat_templates import set_chat_template
 from config_checks import validate_config
 from errors import USER_ERRORS, ConfigError, DatasetError
 from losses import LossSpec
-from models import load_model, load_tokenizer
+from models import block_class_name, load_model, load_tokenizer
 from reference_logps import ReferencePlan
 from run_log import make_run_dir, save_config
 from tokenization import TokenizedExamples, tokenize_datasets
@@ -67,6 +71,8 @@ def load_examples(
             dataset_paths=config.dataset_paths,
             silent=not is_main,
             tokenized_cache_dir=None if config.cache_dir is None else str(Path(config.cache_dir) / "tokenized"),
+            dataset_options=OmegaConf.to_container(config.dataset_options),
+            every_assistant_turn=config.sft_every_assistant_turn,
         )
         if is_main:
             print(f"{split}: {len(examples)} examples; dropped {n_dropped} pairs with nothing to train on", flush=True)
@@ -84,16 +90,28 @@ def load_examples(
 
 
 def policy_model_config(config: DictConfig) -> DictConfig:
-    """Where the policy's weights come from: model.archive, or a resumed run's checkpoint (the reference stays)."""
-    if config.resume_from is None:
+    """Where the policy's weights come from: model.archive, or a resumed run's checkpoint (the reference stays).
+
+    A resumed LoRA run starts from the same base as before; its adapter comes from the checkpoint.
+    """
+    if config.resume_from is None or config.lora.enabled:
         return config.model
     return OmegaConf.merge(config.model, {"archive": config.resume_from})
 
 
 def load_models(config: DictConfig, tokenizer, load_reference: bool) -> tuple[PreTrainedModel, PreTrainedModel | None]:
-    """The policy and, when asked, the reference model (both from model.archive or the pretrained weights)."""
+    """The policy and, when asked, the reference model (both from model.archive or the pretrained weights).
+
+    With lora.enabled the policy is the base with adapters (fresh, or the resumed run's).
+    """
     model = config.model
-    policy = load_model(policy_model_config(config), model.policy_dtype, tokenizer, config.max_length, config.seed)
+    policy = load_model(
+        policy_model_config(config), model.policy_dtype, tokenizer, config.max_length, config.seed,
+        load_in_4bit=config.lora.load_in_4bit,
+    )  # fmt: skip
+    if config.lora.enabled:
+        resume_dir = None if config.resume_from is None else checkpoints.adapter_dir(Path(config.resume_from))
+        policy = lora.add_adapter(policy, config, block_class_name(policy, model.block_name), resume_dir)
     reference = None
     if load_reference:
         reference = load_model(model, model.reference_dtype, tokenizer, config.max_length, config.seed)
@@ -121,22 +139,28 @@ def build_trainer(
     is_main = rank == 0
     loss = LossSpec.from_config(config.loss)
     tokenizer = load_tokenizer(config.model)
+    set_chat_template(tokenizer, config.chat_template)  # conversational data and sampling both use it
     data_parallel = data_parallel_size(config.trainer, world_size)
     train_examples, eval_examples = load_examples(config, tokenizer, is_main, data_parallel)
     reference_plan = plan_reference(config, loss, train_examples, eval_examples, is_main)
     tables_cached = reference_plan is not None and reference_plan.tables is not None
-    policy, reference_model = load_models(config, tokenizer, load_reference=loss.uses_reference and not tables_cached)
+    # with LoRA the reference is the policy with its adapter off: never a second model
+    reference_is_adapter_off = loss.uses_reference and config.lora.enabled
+    load_reference = loss.uses_reference and not tables_cached and not reference_is_adapter_off
+    policy, reference_model = load_models(config, tokenizer, load_reference)
     if is_main:
         n_params = sum(p.numel() for p in policy.parameters())
+        n_trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+        reference = "the policy with its LoRA adapter off" if reference_is_adapter_off else reference_model is not None
         print(
-            f"policy: {type(policy).__name__}, {n_params / 1e6:.1f}M parameters; "
-            f"reference model: {reference_model is not None}",
+            f"policy: {type(policy).__name__}, {n_params / 1e6:.1f}M parameters ({n_trainable / 1e6:.2f}M trained); "
+            f"reference model: {reference}",
             flush=True,
         )
     trainer_class = getattr(trainers, config.trainer)
     return trainer_class(
         config, loss, policy, reference_model, reference_plan, tokenizer, train_examples, eval_examples, run_dir,
-        device, rank, world_size,
+        device, rank, world_size, reference_is_adapter_off=reference_is_adapter_off,
     )  # fmt: skip
 
 
@@ -163,6 +187,9 @@ def train_worker(rank: int, world_size: int, config: DictConfig, run_dir: Path |
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except stopping.RunStopped as stop:  # preempted (exit code 75) or a non-finite step (3): see stopping.py
+        print(f"{'stopped' if rank == 0 else f'rank {rank} stopped'}: {stop}", file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -173,6 +200,9 @@ def main(config: DictConfig) -> None:
     OmegaConf.resolve(config)
     launched_by_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world_size = world_size_from_environment(config.trainer)
+    config.resume_from, note = checkpoints.resume_target(config.resume_from, config.local_dirs, config.exp_name)
+    if note and int(os.environ.get("RANK", 0)) == 0:
+        print(note, flush=True)
     try:
         warnings = validate_config(config, world_size)
     except ConfigError as error:
@@ -183,8 +213,13 @@ def main(config: DictConfig) -> None:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     run_dir = None
     if rank == 0:
-        run_dir = make_run_dir(config.local_dirs, config.exp_name)
-        save_config(config, run_dir)
+        try:
+            run_dir = make_run_dir(config.local_dirs, config.exp_name)
+            save_config(config, run_dir)  # also shows, before any weights load, that checkpoints can be written
+        except OSError as error:
+            print(f"error: cannot write a run folder under local_dirs={list(config.local_dirs)}: {error}. "
+                  "Point local_dirs at a writable folder with free space.", file=sys.stderr, flush=True)  # fmt: skip
+            sys.exit(2)
         print(f"run folder: {run_dir}", flush=True)
 
     if config.trainer == "BasicTrainer":
@@ -204,7 +239,10 @@ def main(config: DictConfig) -> None:
         os.environ.setdefault("MASTER_ADDR", "localhost")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         print(f"starting {world_size} processes for {config.trainer}", flush=True)
-        mp.spawn(train_worker, nprocs=world_size, args=(world_size, config, run_dir), join=True)
+        try:
+            mp.spawn(train_worker, nprocs=world_size, args=(world_size, config, run_dir), join=True)
+        except mp.ProcessExitedException as exited:  # a worker's clean stop: pass its exit code on
+            sys.exit(exited.exit_code if exited.exit_code in (2, *stopping.EXIT_CODES) else 1)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ precompute, checkpoints, then the hooks that FSDPTrainer and TensorParallelTrain
 """
 
 import itertools
+import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tqdm
 from omegaconf import DictConfig, OmegaConf
+from peft import PeftModel
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -33,6 +36,8 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from transformers import PreTrainedModel
 
 import checkpoints
+import lora
+import stopping
 from batching import (
     collate_prompts,
     iterate_batches,
@@ -42,6 +47,7 @@ from batching import (
     split_evenly,
     training_order,
 )
+from chat_templates import stop_token_ids, with_answer
 from errors import ModelLoadError
 from losses import LossSpec, labelled_tokens, preference_loss, sequence_logps, sequence_logps_from_hidden
 from models import block_class_name
@@ -89,12 +95,15 @@ class BasicTrainer:
         device: torch.device,
         rank: int = 0,
         world_size: int = 1,
+        reference_is_adapter_off: bool = False,
     ):
         """Wrap the models and build the optimizer; the heavier work before training is `prepare`.
 
         train.py decides about the reference once: `reference_plan` (precompute_ref_logps) holds
         the reference log-probs read from the cache, or says which to compute with
         `reference_model`; without a plan `reference_model` scores every batch live.
+        `reference_is_adapter_off` (LoRA): the reference is the policy with its adapter switched
+        off, in place of a reference model.
         """
         self.config = config
         self.loss = loss
@@ -105,16 +114,20 @@ class BasicTrainer:
         self.world_size = world_size
         self.is_main = rank == 0
         reference_tables_ready = reference_plan is not None and reference_plan.tables is not None
-        if reference_model is not None and (not loss.uses_reference or reference_tables_ready):
+        reference_without_model = reference_tables_ready or reference_is_adapter_off
+        if reference_model is not None and (not loss.uses_reference or reference_without_model):
             raise ValueError("A reference model was given, but the run needs none.")
-        if loss.uses_reference and reference_model is None and not reference_tables_ready:
+        if loss.uses_reference and reference_model is None and not reference_without_model:
             raise ValueError(f"loss={loss.name} needs a reference model or precomputed reference log-probs.")
+        if reference_is_adapter_off and not (loss.uses_reference and isinstance(policy, PeftModel)):
+            raise ValueError("reference_is_adapter_off needs a LoRA policy (a PeftModel) and a loss with a reference.")
         if len(eval_examples) % self.data_world_size:
             raise ValueError(f"{len(eval_examples)} eval examples do not split over {self.data_world_size} data ranks.")
 
         self.train_examples = train_examples
         self.eval_examples = eval_examples
         self.reference_plan = reference_plan
+        self.reference_is_adapter_off = reference_is_adapter_off
         self.policy = self.wrap_policy(policy)
         self.reference_model = self.wrap_reference(reference_model) if reference_model is not None else None
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
@@ -125,14 +138,20 @@ class BasicTrainer:
         self.prompts_shared = False  # likewise
         self.examples_seen = 0
         self.optimizer_steps = 0
+        self.last_checkpoint: Path | None = None  # the newest complete checkpoint of this run (or resumed from)
+        self.signals = stopping.PreemptionSignals()  # installed for the training loop
 
     def total_steps(self) -> int:
         """Optimizer steps of the whole run (the length of decaying learning-rate schedules)."""
-        per_epoch = len(self.train_examples) // self.config.batch_size
-        steps = per_epoch * self.config.n_epochs
-        if self.config.n_examples is not None:
-            steps = min(steps, self.config.n_examples // self.config.batch_size)
-        return steps
+        return self.planned_examples() // self.config.batch_size
+
+    def planned_examples(self) -> int:
+        """Training examples of the whole run: n_epochs' full batches, capped at n_examples (n_epochs=null: no cap)."""
+        config = self.config
+        if config.n_epochs is None:
+            return config.n_examples  # as many passes as it takes (validated: n_examples is then set)
+        epochs = len(self.train_examples) // config.batch_size * config.batch_size * config.n_epochs
+        return epochs if config.n_examples is None else min(epochs, config.n_examples)
 
     def prepare(self) -> None:
         """The work before the first step: choose the log-prob path, precompute reference log-probs, resume."""
@@ -142,6 +161,10 @@ class BasicTrainer:
             self.precompute_reference_logps()
         if self.config.resume_from is not None:
             self.resume(Path(self.config.resume_from))
+        # from_pretrained returns models in eval mode, and transformers recomputes checkpointed
+        # blocks only in training mode: without this, activation_checkpointing would do nothing
+        # until the first evaluation switched the policy to training mode
+        self.policy.train()
         self.run_log.start()
 
     # ----- the training loop -------------------------------------------------------
@@ -149,25 +172,39 @@ class BasicTrainer:
     def train(self) -> None:
         """Train for n_epochs / n_examples, evaluating (and saving) every eval_every examples and at the end."""
         self.prepare()
+        self.signals.install()  # from here a preemption signal stops the run after the step in progress
         if self.config.do_first_eval and self.examples_seen == 0:
             self.evaluate()
         last_eval_at = self.examples_seen
         window = _LogWindow()
         for batch in self.train_batches():
             window.add(self.train_step(batch), len(batch))
-            if window.seconds() >= self.config.minimum_log_interval_secs:
+            preempted = stopping.any_rank_requests(self.signals.received is not None, self.device, self.distributed)
+            if preempted or window.seconds() >= self.config.minimum_log_interval_secs:
                 self.log_train_window(window)
                 window = _LogWindow()
             if self.evaluation_due(last_eval_at):
                 self.evaluate()
                 self.save_checkpoint(checkpoints.step_name(self.examples_seen))
                 last_eval_at = self.examples_seen
+            if preempted:
+                self.stop_for_preemption()
         if window.n_examples:
             self.log_train_window(window)
         if self.final_evaluation_due(last_eval_at):
             self.evaluate()
         self.save_checkpoint(checkpoints.FINAL)
+        self.signals.restore()
         self.run_log.finish()
+
+    def stop_for_preemption(self) -> None:
+        """After a preemption signal on any rank: a resumable checkpoint of this step (unless just saved), then stop."""
+        name = checkpoints.step_name(self.examples_seen)
+        if self.last_checkpoint != self.run_dir / name:
+            self.save_checkpoint(name)
+        self.signals.restore()
+        self.run_log.finish()
+        raise stopping.Preempted(self.signals.received or "a preemption signal on another rank", self.last_checkpoint)
 
     def evaluation_due(self, last_eval_at: int) -> bool:
         """Whether the last step crossed a multiple of eval_every examples since the last evaluation."""
@@ -179,10 +216,7 @@ class BasicTrainer:
 
     def train_batches(self):
         """Global training batches (lists of batch_size examples), with a progress bar on rank 0."""
-        total = len(self.train_examples) * self.config.n_epochs
-        if self.config.n_examples is not None:
-            total = min(total, self.config.n_examples)
-        config = self.config
+        config, total = self.config, self.planned_examples()
         with tqdm.tqdm(total=total, desc="train", unit="ex", disable=not self.is_main, dynamic_ncols=True) as bar:
             bar.update(self.examples_seen)
             batches = training_order(
@@ -205,6 +239,11 @@ class BasicTrainer:
             loss_sum = self.loss_and_metrics(self.policy, micro_batch, metrics, "train")
             (loss_sum * self.data_world_size / total_weight).backward()
         grad_norm = self.clip_gradients()
+        step_metrics = metrics.summed_over_ranks(self.device, self.data_world_size > 1)
+        loss = step_metrics.averages()["loss/train"]
+        if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):  # the same on every rank: both are global
+            self.signals.restore()
+            raise stopping.NonFiniteStepError(self.optimizer_steps + 1, loss, float(grad_norm), self.last_checkpoint)
         learning_rate = self.optimizer.param_groups[0]["lr"]  # the rate this step applies
         self.optimizer.step()
         self.scheduler.step()
@@ -212,7 +251,6 @@ class BasicTrainer:
         self.examples_seen += len(batch)
         self.optimizer_steps += 1
 
-        step_metrics = metrics.summed_over_ranks(self.device, self.data_world_size > 1)
         step_metrics.add("grad_norm", torch.as_tensor(float(grad_norm)))
         step_metrics.add("lr", torch.as_tensor(learning_rate, dtype=torch.float64))
         return step_metrics
@@ -259,10 +297,16 @@ class BasicTrainer:
             # an empty chunk still generates (on filler) so that every rank takes part in each step
             prompts = {k: v.to(self.device) for k, v in collate_prompts(chunk or unique[:1], self.pad_token_id).items()}
             completions = {"policy": self.decode_new_tokens(self.generate(self.policy, prompts), prompts)}
-            if self.reference_model is not None:
-                completions["reference"] = self.decode_new_tokens(self.generate(self.reference_model, prompts), prompts)
+            if self.has_reference_forward:
+                with self.reference_forward() as reference:
+                    completions["reference"] = self.decode_new_tokens(self.generate(reference, prompts), prompts)
             for i, example in enumerate(chunk):
-                samples.append({"prompt": example["prompt"], **{k: v[i] for k, v in completions.items()}})
+                sample = {"prompt": example["prompt"], **{k: v[i] for k, v in completions.items()}}
+                if "prompt_messages" in example:  # conversational: also each completion as the conversation's answer
+                    sample["messages"] = {
+                        k: with_answer(example["prompt_messages"], v[i]) for k, v in completions.items()
+                    }
+                samples.append(sample)
         return self.gather_objects(samples)
 
     def decode_new_tokens(self, sequences: torch.Tensor, prompts: Batch) -> list[str]:
@@ -345,12 +389,31 @@ class BasicTrainer:
         if self.reference_plan is not None and self.reference_plan.tables is not None:
             table = self.reference_plan.tables[split][[e["index"] for e in examples]].to(self.device)
             return table[:, 0], table[:, 1]
-        if self.reference_model is None:
+        if not self.has_reference_forward:
             zeros = torch.zeros(len(examples), device=self.device)
             return zeros, zeros
-        with torch.no_grad():
-            chosen, rejected, _, _ = self.pair_logps(self.reference_model, examples)
+        with self.reference_forward() as reference:
+            chosen, rejected, _, _ = self.pair_logps(reference, examples)
             return chosen, rejected
+
+    @property
+    def has_reference_forward(self) -> bool:
+        """Whether reference forward passes can run: a reference model, or the LoRA policy with its adapter off."""
+        return self.reference_model is not None or self.reference_is_adapter_off
+
+    @contextmanager
+    def reference_forward(self) -> Iterator[nn.Module]:
+        """No-grad context giving the model that computes as the reference.
+
+        With LoRA that is the policy itself with its adapter switched off (the base model), so the
+        memory of a second model is never spent; otherwise the reference model.
+        """
+        with torch.no_grad():
+            if self.reference_is_adapter_off:
+                with lora.adapter_disabled(self.policy) as base:
+                    yield base
+            else:
+                yield self.reference_model
 
     def sequence_logps(
         self, model: nn.Module, input_ids: list[list[int]], labels: list[list[int]]
@@ -461,7 +524,8 @@ class BasicTrainer:
             chunks, desc=f"reference log-probs ({split})", disable=not self.is_main, dynamic_ncols=True
         ):
             batch = [examples[i] for i in chunk or [0]]  # an empty share still takes part in the collectives
-            chosen, rejected, _, _ = self.pair_logps(self.reference_model, batch)
+            with self.reference_forward() as reference:
+                chosen, rejected, _, _ = self.pair_logps(reference, batch)
             if chunk:
                 computed.append((chunk, torch.stack([chosen, rejected], dim=1).float().cpu()))
         table = torch.full((len(examples), 2), float("nan"))
@@ -479,25 +543,37 @@ class BasicTrainer:
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
+            **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
+            "world_size": self.world_size,  # a resume with another world size is refused (checkpoints.py)
             "config": OmegaConf.to_container(self.config, resolve=True),
         }
 
     def save_checkpoint(self, name: str) -> None:
-        """Write <run_dir>/<name>/: a Hugging Face model folder plus the state a resume needs."""
+        """Write <run_dir>/<name>/: a Hugging Face model folder plus the state a resume needs.
+
+        A LoRA run writes its adapter, and the merged model only where checkpoints.keeps_merged_model.
+        """
         if self.config.debug:
             return
         tmp_dir = checkpoints.partial_dir(self.run_dir, name)
         if self.is_main:
-            tmp_dir.mkdir(exist_ok=True)
+            checkpoints.start_partial(tmp_dir)
         self.barrier()
         self.save_optimizer_state(tmp_dir)
         state_dict = self.full_policy_state_dict()
         if self.is_main:
+            model = self.policy
+            if self.config.lora.enabled:
+                lora.save_adapter(checkpoints.adapter_dir(tmp_dir), self.policy, state_dict)
+                model = lora.base_model(self.policy)
+                merged = checkpoints.keeps_merged_model(name, self.config.lora.load_in_4bit)
+                state_dict = lora.merged_state_dict(self.policy, state_dict) if merged else None
             checkpoints.write_checkpoint(
-                self.run_dir / name, tmp_dir, self.policy, state_dict, self.tokenizer, self.trainer_state()
+                self.run_dir / name, tmp_dir, model, state_dict, self.tokenizer, self.trainer_state()
             )
             print(f"saved {self.run_dir / name}", flush=True)
         self.barrier()
+        self.last_checkpoint = self.run_dir / name
 
     def resume(self, checkpoint_dir: Path) -> None:
         """Continue a run from its checkpoint: optimizer, scheduler, counters and RNG states.
@@ -513,6 +589,9 @@ class BasicTrainer:
         self.optimizer_steps = trainer_state["optimizer_steps"]
         torch.set_rng_state(trainer_state["torch_rng"])
         random.setstate(trainer_state["python_rng"])
+        if "cuda_rng" in trainer_state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(trainer_state["cuda_rng"], self.device)
+        self.last_checkpoint = checkpoint_dir
         if self.is_main:
             print(
                 f"resumed from {checkpoint_dir} after {self.examples_seen} examples "
@@ -613,6 +692,7 @@ class BasicTrainer:
             do_sample=not sampling.greedy,
             top_p=sampling.top_p if not sampling.greedy else None,
             pad_token_id=self.pad_token_id,
+            eos_token_id=stop_token_ids(self.tokenizer),  # EOS, and the chat template's end-of-turn token
             synced_gpus=self.distributed,  # keep every rank stepping until all are done
         )
         self.release_gathered_weights(model)

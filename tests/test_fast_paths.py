@@ -140,14 +140,6 @@ def test_shared_prompt_matches_padded_pairs(variant, tmp_path, monkeypatch):
     assert_same_training(plain, shared, "shared " + " ".join(variant))
 
 
-def test_shared_prompt_under_fsdp_and_tensor_parallel_matches_one_device(tmp_path):
-    base = equivalence_overrides("dpo") + FOUR_STEPS
-    plain = run(tmp_path, "plain", base + PLAIN)
-    for trainer in ("FSDPTrainer", "TensorParallelTrainer"):
-        overrides = base + ["share_prompt=true", "logps_chunk_tokens=32", f"trainer={trainer}"]
-        assert_same_training(plain, run(tmp_path, trainer, overrides, n_processes=2), trainer)
-
-
 def test_shared_prompt_with_sft_is_refused():
     with pytest.raises(ConfigError, match="share_prompt=true .* loss=sft has no pairs"):
         validate_config(compose_config(["loss=sft", "share_prompt=true"]), world_size=1)

@@ -38,14 +38,18 @@ def test_fsdp_and_tensor_parallel_match_one_device(loss, tmp_path):
         if trainer == "BasicTrainer":
             overrides += ["packing=false", "logps_chunk_tokens=null"]  # the plain path
         elif loss == "dpo":
-            # the fast paths, each also tested alone on one device (test_fast_paths.py)
+            # the fast paths, each also tested alone on one device (test_fast_paths.py): pairs in
+            # packed prefix-shared rows, chunked log-probs, precomputed reference, FSDP's prefetch
             overrides += [
+                "share_prompt=true",
                 "packing=true",
                 "logps_chunk_tokens=32",
                 "precompute_ref_logps=true",
                 "fsdp.prefetch_blocks=1",
                 "fsdp.reshard_after_forward=false",
             ]
+        else:
+            overrides += ["packing=true", "logps_chunk_tokens=32"]  # SFT sequences in packed rows
         config = compose_config(overrides)
         run_dir = tmp_path / trainer
         run_in_processes(config, run_dir, n_processes)
