@@ -1,4 +1,4 @@
-"""Fine-tune a causal language model with SFT, DPO, conservative DPO or IPO.
+"""Fine-tune a causal language model with SFT or a preference loss (DPO and its family: see losses.py).
 
     python -u train.py                                      # the embedded tiny demo, offline on CPU
     python -u train.py model=pythia28 datasets=[hh] loss=dpo loss.beta=0.1 model.archive=<sft run>/LATEST

@@ -6,10 +6,11 @@
 #   scripts/chat_demo.sh n_examples=512    # extra arguments go to train.py (and win over the ones below)
 #
 # DPO starts directly from the instruct model (its SFT stage is its own): the task's chosen answers
-# are bare numbers, and each prompt's two pairs reject the model's own failure modes (a restatement
-# of the question, and the last-listed number), so no SFT stage is needed to reach them. LoRA
-# (lora.py: rank 16 on every linear layer of the blocks; the reference is the adapter switched off)
-# and share_prompt (each pair's prompt run once) keep it to a few minutes on two CPU cores.
+# are bare numbers, and each prompt's three pairs reject the model's own failure modes (a restatement
+# of the question with the right number, and each wrong listed number, the last-listed first), so no
+# SFT stage is needed to reach them. LoRA (lora.py: rank 16 on every linear layer of the blocks; the
+# reference is the adapter switched off) and share_prompt (each pair's prompt run once) keep it to a
+# few minutes on two CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
