@@ -128,53 +128,41 @@ def _check_datasets(config: DictConfig, problems: list[str]) -> None:
             )
 
 
-def validate_config(config: DictConfig, world_size: int) -> list[str]:
-    """Check the whole config before any weights load; raise ConfigError listing every problem.
-
-    Returns warnings: settings that are allowed but probably not what was meant.
-    """
-    problems = loss_config_problems(config.loss)
-    problems += optimization_problems(config.optimizer, config.weight_decay, config.lr_scheduler)
+def _check_values(config: DictConfig, problems: list[str]) -> None:
+    """Each setting on its own: names from their lists, numbers in their ranges."""
     _check_choice("trainer", config.trainer, TRAINERS, problems)
     _check_choice("device", config.device, ("auto", "cpu", "cuda"), problems)
     _check_choice("wandb.mode", config.wandb.mode, ("online", "offline", "disabled"), problems)
-    _check_positive(
-        config,
-        [
-            "batch_size",
-            "eval_batch_size",
-            "gradient_accumulation_steps",
-            "lr",
-            "max_grad_norm",
-            "max_length",
-            "max_prompt_length",
-            "n_epochs",
-            "n_examples",
-            "n_eval_examples",
-            "eval_every",
-            "sampling.max_new_tokens",
-            "logps_chunk_tokens",
-        ],
-        problems,
-    )
+    positive = [
+        "batch_size", "eval_batch_size", "gradient_accumulation_steps", "lr", "max_grad_norm", "max_length",
+        "max_prompt_length", "n_epochs", "n_examples", "n_eval_examples", "eval_every", "sampling.max_new_tokens",
+        "logps_chunk_tokens",
+    ]  # fmt: skip
+    _check_positive(config, positive, problems)
     if config.autocast_dtype is not None:
         _check_choice("autocast_dtype", config.autocast_dtype, ("bfloat16", "float16"), problems)
     if config.compile_backend is not None:
         _check_choice("compile_backend", config.compile_backend, COMPILE_BACKENDS, problems)
-    if config.fsdp.prefetch_blocks < 0:
-        problems.append(f"fsdp.prefetch_blocks={config.fsdp.prefetch_blocks}: must be 0 or more.")
+    for key in ("fsdp.prefetch_blocks", "warmup_steps", "n_eval_model_samples"):
+        if OmegaConf.select(config, key) < 0:
+            problems.append(f"{key}={OmegaConf.select(config, key)}: must be 0 or more.")
+    if not 0 < config.sampling.top_p <= 1:
+        problems.append(f"sampling.top_p={config.sampling.top_p}: must be in (0, 1].")
+    if not config.local_dirs:
+        problems.append("local_dirs=[]: give at least one folder for run outputs.")
+    template = chat_template_problem(config.chat_template)
+    if template:
+        problems.append(template)
+
+
+def _check_combinations(config: DictConfig, problems: list[str]) -> None:
+    """Settings that are fine alone but not together, or not on this machine."""
     loss = LossSpec.from_config(config.loss)
     if config.precompute_ref_logps and not loss.uses_reference:
         problems.append(
             f"precompute_ref_logps=true, but loss={loss.name} (reference_free={loss.reference_free}) uses no "
             "reference model; drop precompute_ref_logps."
         )
-    if config.warmup_steps < 0:
-        problems.append(f"warmup_steps={config.warmup_steps}: must be 0 or more.")
-    if config.n_eval_model_samples < 0:
-        problems.append(f"n_eval_model_samples={config.n_eval_model_samples}: must be 0 or more.")
-    if not 0 < config.sampling.top_p <= 1:
-        problems.append(f"sampling.top_p={config.sampling.top_p}: must be in (0, 1].")
     if config.share_prompt and not loss.is_preference:
         problems.append("share_prompt=true shares a prompt between the two responses of a pair; loss=sft has no pairs.")
     length = length_problem(config.max_length, config.max_prompt_length)
@@ -182,8 +170,17 @@ def validate_config(config: DictConfig, world_size: int) -> list[str]:
         problems.append(length)
     if config.device == "cuda" and not torch.cuda.is_available():
         problems.append("device=cuda but no CUDA device is visible; use device=auto or device=cpu.")
-    if not config.local_dirs:
-        problems.append("local_dirs=[]: give at least one folder for run outputs.")
+
+
+def validate_config(config: DictConfig, world_size: int) -> list[str]:
+    """Check the whole config before any weights load; raise ConfigError listing every problem.
+
+    Returns warnings: settings that are allowed but probably not what was meant.
+    """
+    problems = loss_config_problems(config.loss)
+    problems += optimization_problems(config.optimizer, config.weight_decay, config.lr_scheduler)
+    _check_values(config, problems)
+    _check_combinations(config, problems)
     _check_float16(config, problems)
     _check_lengths_of_run(config, problems)
     _check_model(config.model, problems)
@@ -191,9 +188,6 @@ def validate_config(config: DictConfig, world_size: int) -> list[str]:
     _check_resume(config, world_size, problems)
     _check_batches(config, world_size, problems)
     _check_datasets(config, problems)
-    template = chat_template_problem(config.chat_template)
-    if template:
-        problems.append(template)
     if problems:
         raise ConfigError(problems)
     return loss_config_warnings(config.loss)

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from errors import ConfigError
+
 RUN_CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_DIR = "samples"
@@ -35,6 +37,26 @@ def make_run_dir(local_dirs: Iterable[str], exp_name: str) -> Path:
     run_dir = parent / f"{exp_name}_{timestamp}"
     run_dir.mkdir(parents=True)
     return run_dir
+
+
+def check_run_dir_shared(run_dir: Path, device: torch.device) -> None:
+    """Refuse, on every rank at once, a run folder that some ranks cannot see (collective: all ranks call it).
+
+    Rank 0 makes the folder, and every rank writes its optimizer shard into it by path, so the
+    ranks of a multi-node run need a filesystem they all share; on node-local disks the other
+    nodes would write elsewhere and a resume would find no complete checkpoint.
+    """
+    # the folder's name carries a timestamp, so a folder of that name on another disk is not a lookalike
+    blind = torch.tensor([0.0 if run_dir.is_dir() else 1.0], device=device)
+    dist.all_reduce(blind)
+    if blind.item():
+        raise ConfigError(
+            [
+                f"the run folder {run_dir}, made by rank 0, is not visible to {int(blind.item())} of "
+                f"{dist.get_world_size()} rank(s): local_dirs must be on a filesystem every node shares (every rank "
+                "writes its optimizer shard there). Pass local_dirs=[<a shared folder>], e.g. on network storage."
+            ]
+        )
 
 
 def save_config(config: DictConfig, run_dir: Path) -> None:

@@ -11,8 +11,9 @@ import itertools
 import json
 import operator
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import tqdm
@@ -677,38 +678,61 @@ def tokenize_datasets(
             if tokenized_cache_dir is None
             else token_cache.cache_path(tokenized_cache_dir, name, split, sft_mode, key)
         )
-        tokenized = None if path is None else token_cache.read_cache_entry(path, key, label, silent)
-        if tokenized is None:
-            tokenized = _tokenize_dataset(
+
+        def tokenize(name: str = name) -> dict[str, np.ndarray]:
+            return _tokenize_dataset(
                 name, split, sft_mode, tokenizer, special, cache_dir, dataset_paths, dataset_options,
                 every_assistant_turn, silent,
             )  # fmt: skip
-            if path is not None:
-                try:
-                    token_cache.write_cache_entry(path, tokenized, key)
-                    if not silent:
-                        print(f"{label}: cached at {path}", flush=True)
-                except OSError as error:  # the examples are still good; only later runs lose time
-                    if not silent:
-                        print(
-                            f"{label}: could not cache the tokens at {path} ({error}), so the next run tokenizes again."
-                        )
-        truncated = _truncated(tokenized, preference_datasets.truncation_mode_for(name), max_length, max_prompt_length)
-        truncated, n_cut = _without_cut_conversations(truncated)
-        if n_cut and not silent:
-            print(
-                f"{label}: dropped {n_cut} conversational examples whose prompt is longer than max_prompt_length="
-                f"{max_prompt_length} (cutting it would cut the chat template's turns); raise max_prompt_length "
-                "and max_length to keep them.",
-                flush=True,
-            )
-        part, n_dropped_here = _without_identical_pairs(truncated)
+
+        tokenized = _cached_or_tokenized(path, key, label, silent, tokenize)
+        part, n_dropped_here = _trained_examples(tokenized, name, max_length, max_prompt_length, label, silent)
         parts.append(part)
-        n_dropped += n_dropped_here + n_cut
+        n_dropped += n_dropped_here
         keys.append(key)
     settings = f"max_length={max_length} max_prompt_length={max_prompt_length}"
     fingerprint = hashlib.sha256("\n".join(keys + [settings]).encode()).hexdigest()
     return TokenizedExamples.concatenate(parts, fingerprint), n_dropped
+
+
+def _cached_or_tokenized(
+    path: Path | None, key: str, label: str, silent: bool, tokenize: Callable[[], dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """A dataset's untruncated tokens: the cache entry at path when it is good, else tokenize() (then cached)."""
+    tokenized = None if path is None else token_cache.read_cache_entry(path, key, label, silent)
+    if tokenized is not None:
+        return tokenized
+    tokenized = tokenize()
+    if path is not None:
+        try:
+            token_cache.write_cache_entry(path, tokenized, key)
+            if not silent:
+                print(f"{label}: cached at {path}", flush=True)
+        except OSError as error:  # the examples are still good; only later runs lose time
+            if not silent:
+                print(f"{label}: could not cache the tokens at {path} ({error}), so the next run tokenizes again.")
+    return tokenized
+
+
+def _trained_examples(
+    tokenized: dict[str, np.ndarray], name: str, max_length: int, max_prompt_length: int, label: str, silent: bool
+) -> tuple[dict[str, np.ndarray], int]:
+    """The storage of a dataset's examples after truncation, and how many examples were dropped.
+
+    Dropped: conversational examples whose prompt truncation would cut (inside the template's
+    turns), and pairs whose chosen and rejected tokens end up identical.
+    """
+    truncated = _truncated(tokenized, preference_datasets.truncation_mode_for(name), max_length, max_prompt_length)
+    truncated, n_cut = _without_cut_conversations(truncated)
+    if n_cut and not silent:
+        print(
+            f"{label}: dropped {n_cut} conversational examples whose prompt is longer than max_prompt_length="
+            f"{max_prompt_length} (cutting it would cut the chat template's turns); raise max_prompt_length "
+            "and max_length to keep them.",
+            flush=True,
+        )
+    part, n_identical = _without_identical_pairs(truncated)
+    return part, n_identical + n_cut
 
 
 def _tokenize_dataset(

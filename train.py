@@ -28,7 +28,7 @@ from errors import USER_ERRORS, ConfigError, DatasetError
 from losses import LossSpec
 from models import block_class_name, load_model, load_tokenizer
 from reference_logps import ReferencePlan
-from run_log import make_run_dir, save_config
+from run_log import check_run_dir_shared, make_run_dir, save_config
 from tokenization import TokenizedExamples, tokenize_datasets
 from utils import (
     data_parallel_size,
@@ -183,6 +183,8 @@ def train_worker(rank: int, world_size: int, config: DictConfig, run_dir: Path |
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
     seed_everything(config.seed)
     try:
+        if dist.is_initialized():
+            check_run_dir_shared(run_dir, device)  # before any weights load, on every rank at once
         build_trainer(config, run_dir, device, rank, world_size).train()
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
