@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from conftest import SMALL_MODEL, compose_config, run_in_processes
 from dataset_fixtures import (
     byte_tokenizer,
     hh_prompt,
@@ -349,3 +350,45 @@ def test_generation_stops_at_the_end_of_turn_token():
 def test_samples_of_conversations_are_saved_as_messages_too():
     assert chat_templates.with_answer([user("Hi")], "Yo") == [user("Hi"), assistant("Yo")]
     assert json.dumps(chat_templates.with_answer([user("Hi")], "Yo"))
+
+
+def test_ultrafeedback_local_copy_trains_sft_then_dpo_with_a_chat_template(tmp_path):
+    """The whole path: a Hub-layout copy, the template from a Jinja file, SFT, then DPO from it, samples as messages."""
+    prompts = [(f"Which is larger, {a} or {b}?", str(b), str(a)) for a in range(1, 7) for b in range(11, 15)]
+    rows = {
+        "train_prefs": [ultrafeedback_row(prompt, larger, smaller) for prompt, larger, smaller in prompts],
+        "train_sft": [ultrafeedback_row(prompt, larger, "unused") for prompt, larger, _ in prompts],
+        # the other splits are not read, but a copy of the Hub repository has them, none empty
+        **{split: [ultrafeedback_row("Unused.", "a", "b")] for split in ("train_gen", "test_gen")},
+    }
+    for split, train_split in (("test_prefs", "train_prefs"), ("test_sft", "train_sft")):
+        rows[split] = rows[train_split][:8]
+    root = write_ultrafeedback_repo(tmp_path / "ultrafeedback_binarized", rows)
+    template = tmp_path / "chat.jinja"  # closes each turn with the embedded tokenizer's EOS, its end-of-turn token
+    template.write_text(
+        "{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] + '<|endoftext|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<assistant>' }}{% endif %}"
+    )
+    common = SMALL_MODEL + [
+        "datasets=[ultrafeedback]", f"dataset_paths.ultrafeedback={root}", f"chat_template={template}",
+        "batch_size=8", "eval_batch_size=8", "n_examples=16", "n_eval_examples=8", "eval_every=1000000",
+        "max_length=64", "max_prompt_length=40", "lr=1e-3", "warmup_steps=0", "plots.enabled=false",
+        "sample_during_eval=true", "n_eval_model_samples=2", "minimum_log_interval_secs=0",
+    ]  # fmt: skip
+    run_in_processes(compose_config(common + ["loss=sft", "do_first_eval=false"]), tmp_path / "sft", 1)
+    dpo_config = compose_config(common + ["loss=dpo", f"model.archive={tmp_path / 'sft' / 'LATEST'}"])
+    run_in_processes(dpo_config, tmp_path / "dpo", 1)
+
+    records = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "loss/eval" in r]
+    assert evals[0]["rewards_eval/margins"] == 0.0 and evals[0]["loss/eval"] == pytest.approx(0.6931472, abs=1e-6)
+    assert len([r for r in records if "loss/train" in r]) == 2
+    samples = [
+        json.loads(line) for line in (tmp_path / "dpo" / "samples" / "examples-16.jsonl").read_text().splitlines()
+    ]
+    assert len(samples) == 2
+    for sample in samples:  # each model's completion saved as the answer of the prompt's conversation
+        for model in ("policy", "reference"):
+            assert [m["role"] for m in sample["messages"][model]] == ["user", "assistant"]
+            assert sample["messages"][model][-1]["content"] == sample[model]
+    assert all(s["prompt"].startswith("<user>Which is larger") and s["prompt"].endswith("<assistant>") for s in samples)
