@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import compose_config, equivalence_overrides, run_in_processes, train_records
 
 from optimization import (
     OPTIMIZERS,
@@ -117,3 +118,23 @@ def test_scheduler_rebuilt_from_config_and_its_state_continues_identically(sched
     resumed_optimizer.load_state_dict(optimizer_state)
     resumed_scheduler.load_state_dict(scheduler_state)
     assert first + run(resumed_optimizer, resumed_scheduler, 4) == uninterrupted
+
+
+@pytest.mark.parametrize(
+    ("schedule", "multipliers"),
+    [
+        # 4 steps, warmup_steps=1: step 0 warms up to 1/2; then decay over the 3 steps after warmup
+        ("linear", [1 / 2, 1.0, 2 / 3, 1 / 3]),
+        ("cosine", [1 / 2, 1.0, 0.75, 0.25]),
+    ],
+)
+def test_decaying_schedules_train_through_train_py_with_the_rates_they_promise(schedule, multipliers, tmp_path):
+    overrides = equivalence_overrides("sft") + [
+        "n_examples=32",
+        "lr=1e-3",
+        "warmup_steps=1",
+        f"lr_scheduler={schedule}",
+    ]
+    run_in_processes(compose_config(overrides), tmp_path / "run", 1)
+    logged = [record["lr"] for record in train_records(tmp_path / "run")]
+    assert logged == pytest.approx([1e-3 * m for m in multipliers], rel=1e-9)
