@@ -165,6 +165,14 @@ def _check_combinations(config: DictConfig, problems: list[str]) -> None:
         )
     if config.share_prompt and not loss.is_preference:
         problems.append("share_prompt=true shares a prompt between the two responses of a pair; loss=sft has no pairs.")
+    if config.sft_every_assistant_turn and loss.is_preference:
+        problems.append(
+            f"sft_every_assistant_turn=true applies to loss=sft; loss={loss.name} scores the final assistant turn. "
+            "Drop it."
+        )
+    for name, options in config.dataset_options.items():
+        if name not in config.datasets and any(options.values()):
+            problems.append(f"dataset_options.{name} is set, but {name} is not in datasets={list(config.datasets)}.")
     length = length_problem(config.max_length, config.max_prompt_length)
     if length:
         problems.append(length)

@@ -122,3 +122,16 @@ def test_resume_needs_a_checkpoint_of_the_same_kind_of_trainer(tmp_path):
         validate_config(compose_config([f"resume_from={tmp_path}", "trainer=FSDPTrainer"]), world_size=1)
     with pytest.raises(ConfigError, match="missing config.json, trainer_state.pt, optimizer.pt"):
         validate_config(compose_config([f"resume_from={tmp_path / 'nothing'}"]), world_size=1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["loss=dpo", "sft_every_assistant_turn=true"], "sft_every_assistant_turn=true applies to loss=sft"),
+        (["datasets=[numbers]", "dataset_options.hh.as_messages=true"], "dataset_options.hh is set, but hh is not"),
+    ],
+)
+def test_settings_the_run_would_ignore_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(compose_config(overrides), world_size=1)
+    validate_config(compose_config([o for o in overrides if "=true" not in o]), world_size=1)
