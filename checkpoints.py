@@ -233,10 +233,18 @@ def resume_target(resume_from: str | None, local_dirs: Iterable[str], exp_name: 
             searched = ", ".join(map(str, local_dirs))
             return None, f"resume_from=auto: no complete checkpoint of {exp_name} under {searched}; starting fresh"
         return str(found), f"resume_from=auto: resuming from {found}"
-    readable = readable_checkpoint(Path(resume_from))
-    if readable != Path(resume_from):
-        return str(readable), f"resume_from={resume_from}: its save was interrupted; reading the complete {readable}"
-    return resume_from, None
+    return readable_setting("resume_from", resume_from)
+
+
+def readable_setting(key: str, value: str | None) -> tuple[str | None, str | None]:
+    """A checkpoint folder named by a config key (resume_from, model.archive), or its complete .old copy when
+    its save was killed between the two renames, and a line saying so."""
+    if value is None:
+        return None, None
+    readable = readable_checkpoint(Path(value))
+    if readable != Path(value):
+        return str(readable), f"{key}={value}: its save was interrupted; reading the complete {readable}"
+    return value, None
 
 
 # What a resumed run must share with the run it continues: anything that changes which examples

@@ -202,9 +202,11 @@ def main(config: DictConfig) -> None:
     OmegaConf.resolve(config)
     launched_by_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world_size = world_size_from_environment(config.trainer)
-    config.resume_from, note = checkpoints.resume_target(config.resume_from, config.local_dirs, config.exp_name)
-    if note and int(os.environ.get("RANK", 0)) == 0:
-        print(note, flush=True)
+    config.resume_from, resume_note = checkpoints.resume_target(config.resume_from, config.local_dirs, config.exp_name)
+    config.model.archive, archive_note = checkpoints.readable_setting("model.archive", config.model.archive)
+    for note in (resume_note, archive_note):
+        if note and int(os.environ.get("RANK", 0)) == 0:
+            print(note, flush=True)
     try:
         warnings = validate_config(config, world_size)
     except ConfigError as error:

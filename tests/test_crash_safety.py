@@ -62,6 +62,7 @@ def test_a_kill_between_the_renames_leaves_a_readable_copy(tmp_path, monkeypatch
     assert readable == tmp_path / "run" / "LATEST.old"
     assert checkpoints.read_trainer_state(readable)["examples_seen"] == 8
     assert checkpoints.resume_target(str(latest), [], "x")[0] == str(readable)
+    assert checkpoints.readable_setting("model.archive", str(latest))[0] == str(readable)  # a next stage, too
 
     # the next save, killed at its first rename, must not have removed that only copy first
     calls.clear()
