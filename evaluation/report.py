@@ -126,3 +126,45 @@ def add_to_run_report(run_dir: Path, out_dir: Path, summary: dict, png: bytes) -
     body = f'<p class="note">{html.escape(str(out_dir))}</p>\n<pre>{html.escape(table(summary))}</pre>'
     title = f"Evaluation: {summary['policy_label']} vs {summary['baseline_label']}, judge {summary['judge']}"
     return add_report_section(run_dir, f"evaluation-{out_dir.name}", title, png, body)
+
+
+def reward_vs_kl_figure(summaries: Sequence[tuple[str, dict]]) -> Figure | None:
+    """Mean reward against KL to the reference, one point per (evaluation, temperature): the DPO paper's Figure 2.
+
+    Evaluations without a KL (no reference) or without rewards (an LLM judge) are left out; None if none is left.
+    """
+    figure = Figure(figsize=(5.5, 3.8), layout="constrained")
+    axes = figure.add_subplot()
+    drawn = 0
+    for label, summary in summaries:
+        points = [(s["kl"], s["mean_reward"], t) for t, s in summary["temperatures"].items()
+                  if s.get("kl") is not None and s.get("mean_reward") is not None]  # fmt: skip
+        if points:
+            axes.plot([p[0] for p in points], [p[1] for p in points], "o", label=label)
+            for kl, reward, temperature in points:
+                axes.annotate(f"T={temperature}", (kl, reward), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            drawn += 1
+    if not drawn:
+        return None
+    axes.set(xlabel="KL(policy || reference), nats per response", ylabel="mean reward of the policy",
+             title="Reward against KL")  # fmt: skip
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    return figure
+
+
+def win_rates_figure(summaries: Sequence[tuple[str, dict]]) -> Figure:
+    """Several evaluations' win rates (with intervals) against temperature on one axes."""
+    figure = Figure(figsize=(5.5, 3.8), layout="constrained")
+    axes = figure.add_subplot()
+    for label, summary in summaries:
+        points = [(float(t), s) for t, s in summary["temperatures"].items() if s["win_rate"] is not None]
+        rates = [s["win_rate"] for _, s in points]
+        errors = [[s["win_rate"] - s["win_rate_ci"][0] for _, s in points],
+                  [s["win_rate_ci"][1] - s["win_rate"] for _, s in points]]  # fmt: skip
+        axes.errorbar([t for t, _ in points], rates, yerr=errors, marker="o", capsize=4, label=label)
+    axes.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+    axes.set(xlabel="sampling temperature", ylabel="win rate", ylim=(0, 1), title="Win rate against temperature")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    return figure

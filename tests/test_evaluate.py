@@ -494,3 +494,17 @@ def test_every_judge_file_composes_and_has_a_registry_row():
     assert files == sorted(JUDGES)
     for name in files:
         assert compose_config_for_evaluate(["policy=x", f"judge={name}"]).judge.name == name
+
+
+def test_plot_evaluations_draws_reward_against_kl(self_evaluation, tmp_path, monkeypatch, capsys):
+    import runpy
+
+    out = tmp_path / "compare"
+    monkeypatch.setattr(sys, "argv", ["plot_evaluations.py", str(self_evaluation.out_dir), "--out", str(out)])
+    runpy.run_path(str(REPO_ROOT / "scripts" / "plot_evaluations.py"), run_name="__main__")
+    assert (out / "reward_vs_kl.png").stat().st_size > 0 and (out / "win_rates_vs_temperature.png").is_file()
+    assert "| 1.0 |" in capsys.readouterr().out
+    from evaluation.report import reward_vs_kl_figure
+
+    without_kl = {"temperatures": {"0.0": {"mean_reward": 0.3}}}
+    assert reward_vs_kl_figure([("no reference", without_kl)]) is None
