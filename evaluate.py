@@ -65,6 +65,7 @@ def evaluate(config: DictConfig) -> EvaluationResult:
     """The whole evaluation. Nothing loads until the configuration (and the judge's server) passed the checks."""
     OmegaConf.resolve(config)
     plan = check_config(config)
+    config.temperatures = [float(t) for t in config.temperatures]  # 1 and 1.0 name one temperature
     prompts = choose_prompts(plan.datasets, config.split, config.n_prompts, config.seed, plan.dataset_paths,
                              plan.dataset_options)  # fmt: skip
     tokenizer = policy_tokenizer(config)

@@ -41,9 +41,9 @@ _NUMBERS = re.compile(r"Which is the (largest|smallest) of ([\d, ]+)\?")
 class JudgeServer:
     """Chat completions and completions on 127.0.0.1, deterministic; the `model` field picks the behaviour.
 
-    Judge models (chat): always-a (position bias: always "Verdict: A"), prefer-longer (the longer
+    Judge models (chat completions): always-a (position bias: always "Verdict: A"), prefer-longer (the longer
     reply of our dialogue template wins, equal lengths tie), garbage (no verdict), flaky (429, then
-    500, then prefer-longer's answer, counted per distinct message). Generator model (completions):
+    500, then prefer-longer's answer, counted per distinct message). Generator model (either endpoint):
     half-right answers the embedded task's prompt correctly when its first listed number is even.
     """
 
@@ -88,6 +88,8 @@ class JudgeServer:
             return 200, completion(half_right(body["prompt"]), "text_completion")
         content = body["messages"][-1]["content"]
         model = body["model"]
+        if model == "half-right":
+            return 200, completion(half_right(content), "chat.completion")
         if model == "flaky":
             with self.lock:
                 attempt = self.attempts[content] = self.attempts.get(content, 0) + 1
@@ -240,13 +242,11 @@ def test_rule_scorers_check_answers_and_a_user_adds_one_with_the_decorator():
         rule_scorer("test_longer")(longer)
 
 
-def test_rule_judge_scores_server_generations_on_the_embedded_task(folders, server, tmp_path):
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_rule_judge_scores_server_generations_on_the_embedded_task(folders, server, tmp_path, endpoint):
     """generation.backend=openai (the server answers right when the first number is even) judged by the rule."""
-    server_generation = [
-        "generation.backend=openai",
-        f"generation.base_url={server.base_url}",
-        "generation.model=half-right",
-    ]
+    server_generation = ["generation.backend=openai", f"generation.base_url={server.base_url}",
+                         "generation.model=half-right", f"generation.endpoint={endpoint}"]  # fmt: skip
     config = eval_config(
         folders, tmp_path / "out", "judge=rule", "judge.scorer=numbers", "n_prompts=24", *server_generation
     )
