@@ -508,3 +508,30 @@ def test_plot_evaluations_draws_reward_against_kl(self_evaluation, tmp_path, mon
 
     without_kl = {"temperatures": {"0.0": {"mean_reward": 0.3}}}
     assert reward_vs_kl_figure([("no reference", without_kl)]) is None
+
+
+def test_a_lora_checkpoint_is_merged_into_its_runs_base(folders, tmp_path):
+    """An adapter-only step-N (a LoRA run's) generates exactly what the same adapter merged by hand does."""
+    from peft import LoraConfig, get_peft_model
+
+    from models import load_model
+
+    run_dir = tmp_path / "lora_run"
+    run_dir.mkdir()
+    run_config = compose_config(["loss=dpo", "lora.enabled=true"])
+    OmegaConf.save(run_config, run_dir / "config.yaml")
+    tokenizer = embedded.build_tokenizer()
+    base = load_model(run_config.model, "float32", tokenizer, run_config.max_length, run_config.seed)
+    torch.manual_seed(3)
+    adapted = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    checkpoint = run_dir / "step-64"
+    adapted.save_pretrained(checkpoint / "adapter")
+    tokenizer.save_pretrained(checkpoint)
+    adapted.merge_and_unload().save_pretrained(tmp_path / "merged")
+    tokenizer.save_pretrained(tmp_path / "merged")
+    overrides = (f"policy={checkpoint}", f"baseline={tmp_path / 'merged'}", "judge=reward_model",
+                 f"judge.path={folders['reward']}")  # fmt: skip
+    summary = evaluate.evaluate(eval_config(folders, tmp_path / "out", *overrides)).summary["temperatures"]["0.0"]
+    assert (summary["win_rate"], summary["ties"]) == (0.5, N_PROMPTS)
+    records = read_jsonl(tmp_path / "out" / "judgments.jsonl")
+    assert all(r["policy"] == r["baseline"] for r in records)
