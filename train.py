@@ -19,17 +19,19 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel
 
 import checkpoints
+import console
 import lora
 import stopping
 import trainers
 from chat_templates import set_chat_template
 from config_checks import validate_config
+from dataset_loading import register_config_schema
 from errors import USER_ERRORS, ConfigError, DatasetError
 from losses import LossSpec
 from models import block_class_name, load_model, load_tokenizer
 from reference_logps import ReferencePlan
 from run_log import check_run_dir_shared, make_run_dir, save_config
-from tokenization import TokenizedExamples, tokenize_datasets
+from tokenization import TokenizedExamples, TokenizeSettings, tokenize_datasets
 from utils import (
     data_parallel_size,
     free_port,
@@ -40,6 +42,7 @@ from utils import (
 )
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
+register_config_schema()  # before any config is composed: dataset_paths/dataset_options take any dataset's name
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -50,9 +53,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
         return compose(config_name="config", overrides=overrides)
 
 
-def load_examples(
-    config: DictConfig, tokenizer, is_main: bool, data_parallel: int = 1
-) -> tuple[TokenizedExamples, TokenizedExamples]:
+def load_examples(config: DictConfig, tokenizer, data_parallel: int = 1) -> tuple[TokenizedExamples, TokenizedExamples]:
     """Tokenized train and eval examples.
 
     Eval is a fixed random subset of n_eval_examples, trimmed to a multiple of the data-parallel
@@ -60,24 +61,17 @@ def load_examples(
     reference log-probs cache among it) sees this one eval set.
     """
     splits = {}
+    settings = TokenizeSettings.from_config(config, sft_mode=not LossSpec.from_config(config.loss).is_preference)
     for split in ("train", "test"):
-        examples, n_dropped = tokenize_datasets(
-            list(config.datasets),
-            split,
-            tokenizer,
-            max_length=config.max_length,
-            max_prompt_length=config.max_prompt_length,
-            sft_mode=not LossSpec.from_config(config.loss).is_preference,
-            dataset_paths=config.dataset_paths,
-            silent=not is_main,
-            tokenized_cache_dir=None if config.cache_dir is None else str(Path(config.cache_dir) / "tokenized"),
-            dataset_options=OmegaConf.to_container(config.dataset_options),
-            every_assistant_turn=config.sft_every_assistant_turn,
-        )
-        if is_main:
-            print(f"{split}: {len(examples)} examples; dropped {n_dropped} pairs with nothing to train on", flush=True)
+        examples, n_dropped = tokenize_datasets(list(config.datasets), split, tokenizer, settings)
+        console.say(f"{split}: {len(examples)} examples; dropped {n_dropped} pairs with nothing to train on")
         if not len(examples):
-            raise DatasetError(f"The {split} split of datasets={list(config.datasets)} holds no usable examples.")
+            why = (
+                f": all {n_dropped} were dropped (their chosen and rejected responses are the same, or cut to the same)"
+                if n_dropped
+                else " (the notes above say what was left out)"
+            )
+            raise DatasetError(f"The {split} split of datasets={list(config.datasets)} holds no usable examples{why}.")
         splits[split] = examples
     order = list(range(len(splits["test"])))
     random.Random(0).shuffle(order)  # fixed, so every run evaluates on the same subset
@@ -141,7 +135,7 @@ def build_trainer(
     tokenizer = load_tokenizer(config.model)
     set_chat_template(tokenizer, config.chat_template)  # conversational data and sampling both use it
     data_parallel = data_parallel_size(config.trainer, world_size)
-    train_examples, eval_examples = load_examples(config, tokenizer, is_main, data_parallel)
+    train_examples, eval_examples = load_examples(config, tokenizer, data_parallel)
     reference_plan = plan_reference(config, loss, train_examples, eval_examples, is_main)
     tables_cached = reference_plan is not None and reference_plan.tables is not None
     # with LoRA the reference is the policy with its adapter off: never a second model
@@ -177,6 +171,7 @@ def train_worker(rank: int, world_size: int, config: DictConfig, run_dir: Path |
         run_dir = shared[0]
     else:
         local_rank = 0
+    console.set_main_process(rank == 0)
     device = resolve_device(config.device, local_rank)
     if device.type == "cpu" and world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
         # processes sharing this machine's cores would otherwise each start one thread per core

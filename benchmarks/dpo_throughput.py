@@ -665,6 +665,7 @@ def run_row_in(run_dir: str, row_name: str, args: argparse.Namespace) -> dict:
     """Write the data to run_dir, compose the config, load the examples and time the row."""
     from hydra.errors import ConfigCompositionException
 
+    import console
     from config_checks import validate_config
     from train import compose_config, load_examples
 
@@ -680,7 +681,8 @@ def run_row_in(run_dir: str, row_name: str, args: argparse.Namespace) -> dict:
     tokenizer = scenario_tokenizer(scenario, config)
     pairs_by_prompt = write_pairs(scenario, tokenizer, n_needed + n_needed // 10 + 2, data_file)  # 5% go to "test"
     validate_config(config, world_size=1)
-    train_examples, eval_examples = load_examples(config, tokenizer, is_main=False)
+    with console.silenced():
+        train_examples, eval_examples = load_examples(config, tokenizer)
     if row.side == "ours":
         result = run_ours(config, tokenizer, train_examples, eval_examples, args, run_dir)
     elif row.side == "bare":
