@@ -2,6 +2,7 @@
 
 import hashlib
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -25,6 +26,30 @@ def _hub_failure(name_or_path: str, error: Exception) -> ModelLoadError:
         "(and model.tokenizer_name_or_path=DIR), or run once online so the Hub cache holds it. "
         "Set HF_HUB_OFFLINE=1 to fail at once instead of retrying."
     )
+
+
+# what a Hub id looks like (`name` or `org/name`); anything else that does not exist is a missing local folder
+HUB_ID = re.compile(r"[\w][\w.-]*(/[\w][\w.-]*)?")
+
+
+def local_model_problem(key: str, name_or_path: str | None) -> str | None:
+    """Why the model or tokenizer source `key=name_or_path` cannot load, found without loading it, or None.
+
+    A path that is not there gets "no such folder" (not the Hub's advice); a local folder's weight
+    files are checked whole (a cut-short model.safetensors). Hub ids are left to the load.
+    """
+    if name_or_path is None:
+        return None
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        if HUB_ID.fullmatch(str(name_or_path)) and not str(name_or_path).startswith("."):
+            return None
+        return f"{key}={name_or_path}: no such folder. Give the folder that holds config.json and the weights."
+    for weights in sorted(path.glob("*.safetensors")) if path.is_dir() else []:
+        damage = checkpoints.damaged_file_problem(weights)
+        if damage:
+            return f"{key}={name_or_path}: {damage}. Download or copy the model again."
+    return None
 
 
 def load_tokenizer(model_config: DictConfig) -> transformers.PreTrainedTokenizerBase:
@@ -198,13 +223,26 @@ def weights_fingerprint(model_config: DictConfig, seed: int) -> dict:
     return fingerprint
 
 
-def block_class_name(model: PreTrainedModel, configured: str | None) -> str:
-    """The transformer block class to shard and checkpoint: configured, else the model's own hint."""
-    if configured:
-        return configured
-    hints = getattr(model, "_no_split_modules", None) or []
-    if not hints:
+def block_class_name(model: torch.nn.Module, configured: str | None) -> str:
+    """The class name of the transformer blocks to shard, compile and checkpoint, as the model's modules bear it now.
+
+    `configured` (model.block_name), else transformers' hint `_no_split_modules`: a list on the class,
+    a set (of every submodule's hints) on an instance since transformers 5.25. Of the hinted classes
+    present, the block is the one that repeats most (one per layer); ties go to the first name
+    alphabetically, so the choice never depends on set order. FSDP2 renames each sharded module's
+    class to FSDP<name>, so classes are matched by ancestry and the block named as it is now.
+    """
+    wanted = {configured} if configured else set(getattr(model, "_no_split_modules", None) or ())
+    present = Counter(
+        type(module).__name__
+        for module in model.modules()
+        if any(cls.__name__ in wanted for cls in type(module).__mro__)
+    )
+    if configured and not present:
+        return configured  # the caller reports that no module has this class
+    if not present:
         raise ModelLoadError(
-            f"Cannot tell the transformer block class of {type(model).__name__}; set model.block_name."
+            f"Cannot tell the transformer block class of {type(model).__name__} (its _no_split_modules: "
+            f"{sorted(wanted) or 'none'}); set model.block_name to the class of its decoder layers."
         )
-    return hints[0]
+    return min(present, key=lambda name: (-present[name], name))
