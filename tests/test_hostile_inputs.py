@@ -17,8 +17,9 @@ from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen2
 import checkpoints
 import embedded
 import train
+from chat_templates import render
 from config_checks import validate_config
-from errors import ConfigError
+from errors import ConfigError, DatasetError
 from models import block_class_name
 
 SHAPE = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
@@ -193,3 +194,27 @@ def test_a_missing_local_model_folder_gets_folder_advice_before_a_run_folder(tmp
     err = capsys.readouterr().err
     assert f"model.name_or_path={missing}: no such folder." in err and "Hub" not in err
     assert not (tmp_path / "runs").exists()
+
+
+# ----- a chat template that does not compile ---------------------------------------------------------
+
+BROKEN_TEMPLATE = (
+    "{% for message in messages %}\n{{ message['content'] }}\n{% if message['role'] == 'user' %}\n{% endfor %}\n"
+)
+
+
+def test_a_chat_template_with_a_syntax_error_is_named_with_its_line(tmp_path):
+    template = tmp_path / "broken.jinja"
+    template.write_text(BROKEN_TEMPLATE)
+    with pytest.raises(ConfigError) as raised:
+        validate_config(compose_config([f"chat_template={template}"]), world_size=1)
+    (problem,) = raised.value.problems
+    assert problem.startswith(f"chat_template={template}: line 4: Encountered unknown tag 'endfor'.")
+    assert problem.endswith("Fix the template file.")
+
+
+def test_a_tokenizers_own_broken_template_is_not_blamed_on_the_rows():
+    tokenizer = embedded.build_tokenizer()
+    tokenizer.chat_template = BROKEN_TEMPLATE
+    with pytest.raises(DatasetError, match=r"does not compile \(line 4: Encountered unknown tag 'endfor'"):
+        render(tokenizer, [[{"role": "user", "content": "Hi"}]], add_generation_prompt=True)
