@@ -113,6 +113,58 @@ def _load_pretrained(
         raise _hub_failure(source, error) from error
 
 
+# what must agree between the model a run names and the archive it starts from
+ARCHITECTURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def _architecture(config: transformers.PretrainedConfig) -> dict:
+    text_config = config.get_text_config(decoder=True)
+    return {key: getattr(text_config, key, getattr(config, key, None)) for key in ARCHITECTURE_KEYS}
+
+
+def check_model_matches(model_config: DictConfig, tokenizer, max_length: int) -> None:
+    """Raise ModelLoadError when the archive or the tokenizer belongs to another model, reading configs only.
+
+    The archive's config.json must describe the model that model= names (a run of another model
+    would load whole and train with the wrong tokenizer), and the tokenizer must fit the embedding:
+    more tokens than rows fail inside the embedding, fewer than half are another model's tokenizer
+    (models round their vocabulary up a little, never to double).
+    """
+    if model_config.from_scratch is not None:
+        named = _from_scratch_config(model_config, tokenizer, max_length)
+    else:
+        try:
+            named = AutoConfig.from_pretrained(
+                model_config.name_or_path, trust_remote_code=model_config.trust_remote_code
+            )
+        except OSError as error:
+            raise _hub_failure(model_config.name_or_path, error) from error
+    model_name = model_config.name_or_path or f"model.from_scratch ({model_config.name})"
+    weights, weights_name = named, model_name
+    archive = Path(model_config.archive) if model_config.archive else None
+    if archive is not None and (archive / checkpoints.MODEL_CONFIG_FILE).is_file():
+        weights, weights_name = AutoConfig.from_pretrained(archive), f"model.archive={archive}"
+        trained, expected = _architecture(weights), _architecture(named)
+        differ = [
+            f"{key}={trained[key]} (model: {expected[key]})"
+            for key in ARCHITECTURE_KEYS
+            if trained[key] != expected[key]
+        ]
+        if differ:
+            raise ModelLoadError(
+                f"model.archive={archive} is not a checkpoint of {model_name}: its {', '.join(differ)}. "
+                "Set model= to the model that archive was trained from."
+            )
+    rows, tokens = _architecture(weights)["vocab_size"], len(tokenizer)
+    if rows is not None and not rows / 2 <= tokens <= rows:
+        source = model_config.tokenizer_name_or_path or model_config.name_or_path or "the embedded tokenizer"
+        raise ModelLoadError(
+            f"The tokenizer ({source}) has {tokens} tokens, but {weights_name} has {rows} embedding rows: they belong "
+            "to different models. Use the model's own tokenizer (model.tokenizer_name_or_path), or the model of "
+            "this tokenizer."
+        )
+
+
 # Buffers that transformers 4.29 (the reference scripts' version) kept in state dicts and current
 # models rebuild instead: GPT-2's causal mask (attn.bias, attn.masked_bias), GPT-NeoX's
 # (attention.bias, attention.masked_bias) and the rotary frequencies of GPT-NeoX and Llama.

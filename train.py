@@ -28,7 +28,7 @@ from config_checks import validate_config
 from dataset_loading import register_config_schema
 from errors import USER_ERRORS, ConfigError, DatasetError
 from losses import LossSpec
-from models import block_class_name, load_model, load_tokenizer
+from models import block_class_name, check_model_matches, load_model, load_tokenizer
 from reference_logps import ReferencePlan
 from run_log import check_run_dir_shared, make_run_dir, save_config
 from tokenization import TokenizedExamples, TokenizeSettings, tokenize_datasets
@@ -133,6 +133,7 @@ def build_trainer(
     is_main = rank == 0
     loss = LossSpec.from_config(config.loss)
     tokenizer = load_tokenizer(config.model)
+    check_model_matches(policy_model_config(config), tokenizer, config.max_length)  # configs only: before weights
     set_chat_template(tokenizer, config.chat_template)  # conversational data and sampling both use it
     data_parallel = data_parallel_size(config.trainer, world_size)
     train_examples, eval_examples = load_examples(config, tokenizer, data_parallel)

@@ -19,7 +19,7 @@ import embedded
 import train
 from chat_templates import render
 from config_checks import validate_config
-from errors import ConfigError, DatasetError
+from errors import ConfigError, DatasetError, ModelLoadError
 from models import block_class_name
 
 SHAPE = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
@@ -218,3 +218,28 @@ def test_a_tokenizers_own_broken_template_is_not_blamed_on_the_rows():
     tokenizer.chat_template = BROKEN_TEMPLATE
     with pytest.raises(DatasetError, match=r"does not compile \(line 4: Encountered unknown tag 'endfor'"):
         render(tokenizer, [[{"role": "user", "content": "Hi"}]], add_generation_prompt=True)
+
+
+# ----- an archive or tokenizer of another model ------------------------------------------------------
+
+
+def test_an_archive_of_another_model_is_refused_before_its_weights_load(model_folders, tmp_path):
+    """model=tiny model.archive=<a run of another model> used to train that model with the tiny tokenizer."""
+    config = compose_config([f"model.archive={model_folders['qwen2']}"])
+    with pytest.raises(ModelLoadError) as raised:
+        train.build_trainer(config, tmp_path, torch.device("cpu"), rank=0, world_size=1)
+    assert str(raised.value) == (
+        f"model.archive={model_folders['qwen2']} is not a checkpoint of model.from_scratch (tiny): its "
+        "model_type=qwen2 (model: llama), hidden_size=32 (model: 128), num_hidden_layers=2 (model: 4). "
+        "Set model= to the model that archive was trained from."
+    )
+
+
+def test_a_tokenizer_of_another_model_is_refused(tmp_path):
+    folder = tmp_path / "small-vocabulary"
+    tokenizer = embedded.build_tokenizer()
+    LlamaConfig(vocab_size=64, **SHAPE).save_pretrained(folder)  # configs are read, never the weights
+    config = compose_config(blank_model(folder) + ["model.tokenizer_name_or_path=null"])
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(ModelLoadError, match=rf"The tokenizer \({folder}\) has {len(tokenizer)} tokens, but {folder} "):
+        train.build_trainer(config, tmp_path, torch.device("cpu"), rank=0, world_size=1)
