@@ -31,7 +31,8 @@ from losses import LossSpec
 from models import block_class_name, check_model_matches, load_model, load_tokenizer
 from reference_logps import ReferencePlan
 from run_log import check_run_dir_shared, make_run_dir, save_config
-from tokenization import TokenizedExamples, TokenizeSettings, tokenize_datasets
+from tokenization import TokenizeSettings, tokenize_datasets
+from tokenized_examples import TokenizedExamples
 from utils import (
     data_parallel_size,
     free_port,
