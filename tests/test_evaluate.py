@@ -542,3 +542,17 @@ def test_a_lora_checkpoint_is_merged_into_its_runs_base(folders, tmp_path):
     assert (summary["win_rate"], summary["ties"]) == (0.5, N_PROMPTS)
     records = read_jsonl(tmp_path / "out" / "judgments.jsonl")
     assert all(r["policy"] == r["baseline"] for r in records)
+
+
+def test_every_evaluate_command_in_the_readme_composes():
+    import shlex
+
+    section = (REPO_ROOT / "README.md").read_text().split("## Evaluating a run", 1)[1].split("\n## ", 1)[0]
+    lines = re.sub(r"<[^>]*>", "x", section.replace("\\\n", " ")).splitlines()  # <dpo run> placeholders
+    commands = [shlex.split(line)[2:] for line in lines if line.startswith("python evaluate.py")]
+    assert len(commands) >= 6
+    for overrides in commands:
+        config = compose_config_for_evaluate(overrides)
+        assert config.judge.name in ("openai", "reward_model", "rule")
+    for path in re.findall(r"config/judge_prompts/\w+\.txt", section):
+        assert (REPO_ROOT / path).is_file(), path
