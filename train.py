@@ -179,6 +179,8 @@ def train_worker(rank: int, world_size: int, config: DictConfig, run_dir: Path |
         # processes sharing this machine's cores would otherwise each start one thread per core
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
     seed_everything(config.seed)
+    signals_before_training = stopping.PreemptionSignals(at_once=True)  # the training loop installs its own
+    signals_before_training.install()
     try:
         if dist.is_initialized():
             check_run_dir_shared(run_dir, device)  # before any weights load, on every rank at once
@@ -189,7 +191,12 @@ def train_worker(rank: int, world_size: int, config: DictConfig, run_dir: Path |
     except stopping.RunStopped as stop:  # preempted (exit code 75) or a non-finite step (3): see stopping.py
         print(f"{'stopped' if rank == 0 else f'rank {rank} stopped'}: {stop}", file=sys.stderr, flush=True)
         sys.exit(stop.exit_code)
+    except KeyboardInterrupt:  # a second Ctrl-C (stopping.PreemptionSignals)
+        print("stopped at once by a second Ctrl-C; resume_from=auto continues from the last checkpoint",
+              file=sys.stderr, flush=True)  # fmt: skip
+        sys.exit(stopping.EXIT_INTERRUPTED)
     finally:
+        signals_before_training.restore()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -5,17 +5,22 @@ Models here are tiny folders built from a config (Llama, GPT-NeoX, Qwen2) with t
 used as `model=blank_model model.name_or_path=<folder>` is: with no model.block_name.
 """
 
+import os
 import shutil
+import signal
+import threading
+import time
 
 import pytest
 import torch
-from conftest import compose_config, run_in_processes, train_records
+from conftest import SMALL_MODEL, compose_config, run_in_processes, train_records
 from safetensors.torch import save_file
 from test_crash_safety import write_fake_checkpoint
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen2Config
 
 import checkpoints
 import embedded
+import stopping
 import train
 from chat_templates import render
 from config_checks import validate_config
@@ -243,3 +248,66 @@ def test_a_tokenizer_of_another_model_is_refused(tmp_path):
     tokenizer.save_pretrained(folder)
     with pytest.raises(ModelLoadError, match=rf"The tokenizer \({folder}\) has {len(tokenizer)} tokens, but {folder} "):
         train.build_trainer(config, tmp_path, torch.device("cpu"), rank=0, world_size=1)
+
+
+# ----- signals: Ctrl-C saves like a preemption, a second one stops at once, early ones exit 75 ---------
+
+
+def send_when(condition, signum: int) -> threading.Thread:
+    """Send this process `signum` (a real signal, delivered to the main thread) once `condition()` holds."""
+
+    def wait_then_send():
+        deadline = time.monotonic() + 60
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signum)
+
+    thread = threading.Thread(target=wait_then_send, daemon=True)
+    thread.start()
+    return thread
+
+
+def long_tiny_run() -> list[str]:
+    """A run far longer than the test waits for, with a metrics line after every step."""
+    return SMALL_MODEL + ["n_examples=100000", "eval_every=1000000", "n_eval_examples=16"] + QUIET
+
+
+def test_the_first_ctrl_c_finishes_the_step_and_saves_a_checkpoint(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    metrics = run_dir / "metrics.jsonl"
+    sender = send_when(lambda: metrics.is_file() and '"loss/train"' in metrics.read_text(), signal.SIGINT)
+    with pytest.raises(SystemExit) as exit_info:
+        run_in_processes(compose_config(long_tiny_run()), run_dir, 1)
+    sender.join()
+    assert exit_info.value.code == stopping.EXIT_PREEMPTED
+    err = capsys.readouterr().err
+    assert "Ctrl-C: finishing the step in progress" in err and "SIGINT received: stopped after" in err
+    (checkpoint,) = run_dir.glob("step-*")
+    steps = train_records(run_dir)
+    # nothing lost: the checkpoint holds every step that was logged
+    assert checkpoints.read_trainer_state(checkpoint)["examples_seen"] == steps[-1]["counters/examples"] > 0
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    signals = stopping.PreemptionSignals()
+    signals.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # handled before os.kill returns to this thread's next bytecode
+        assert signals.received == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        signals.restore()
+
+
+def test_sigterm_before_the_training_loop_exits_75_with_a_message(tmp_path, capsys):
+    """It used to die with 143 and no word while loading."""
+    default = signal.getsignal(signal.SIGTERM)
+    sender = send_when(lambda: signal.getsignal(signal.SIGTERM) is not default, signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_info:
+        run_in_processes(compose_config(long_tiny_run()), tmp_path / "run", 1)
+    sender.join()
+    assert exit_info.value.code == stopping.EXIT_PREEMPTED
+    assert "stopped: SIGTERM received before training started" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is default
