@@ -17,13 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel
 
 from chat_templates import as_dicts, render, set_chat_template, stop_token_ids
+from dataset_loading import get_dataset
 from errors import DatasetError
 from models import load_model, load_tokenizer
-
-try:  # the dataset registry's loading module; before it existed, preference_datasets held get_dataset
-    from dataset_loading import get_dataset
-except ImportError:
-    from preference_datasets import get_dataset
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 RUN_CONFIG_FILE = "config.yaml"  # a run folder's resolved configuration (run_log.py)
