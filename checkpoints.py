@@ -238,6 +238,13 @@ def archive_problem(archive: Path) -> str | None:
     return None
 
 
+def remove_unused_run_dir(run_dir: Path | None, config_file: str = "config.yaml") -> None:
+    """Remove a run folder that holds nothing but its config.yaml: an error (or a signal) stopped the run
+    after validation and before anything was trained or logged, so no checkpoint or picture is lost."""
+    if run_dir is not None and run_dir.is_dir() and [p.name for p in run_dir.iterdir()] == [config_file]:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 AUTO = "auto"
 RUN_FOLDER_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_\d{6}")
 CHECKPOINT_NAME = re.compile(rf"({FINAL}|step-\d+)(\.old)?")

@@ -76,6 +76,26 @@ def type_problems(config: DictConfig) -> list[str]:
     return problems
 
 
+# nodes whose keys are any dataset's name, checked against the dataset registry (dataset_loading.py)
+OPEN_NODES = ("dataset_paths", "dataset_options")
+
+
+def undeclared_key_problems(config: DictConfig, declared: DictConfig, prefix: str = "") -> list[str]:
+    """Each key of `config` that no config file declares (`declared`: the same command composed without its
+    `+key=value` additions). Struct mode refuses a misspelt `key=value`; `+key=value` would add it unread."""
+    problems = []
+    for key in config:
+        path = f"{prefix}{key}"
+        if key not in declared:
+            problems.append(
+                f"{path}: no such setting (added with +{path}=...); nothing would read it. "
+                "See config/config.yaml for the settings, or python train.py --help."
+            )
+        elif OmegaConf.is_dict(config[key]) and OmegaConf.is_dict(declared[key]) and path not in OPEN_NODES:
+            problems += undeclared_key_problems(config[key], declared[key], f"{path}.")
+    return problems
+
+
 def _check_positive(config: DictConfig, keys: Iterable[str], problems: list[str]) -> None:
     for key in keys:
         value = OmegaConf.select(config, key)
@@ -228,12 +248,14 @@ def _check_combinations(config: DictConfig, problems: list[str]) -> None:
         problems.append("device=cuda but no CUDA device is visible; use device=auto or device=cpu.")
 
 
-def validate_config(config: DictConfig, world_size: int) -> list[str]:
+def validate_config(config: DictConfig, world_size: int, declared: DictConfig | None = None) -> list[str]:
     """Check the whole config before any weights load; raise ConfigError listing every problem.
 
-    Returns warnings: settings that are allowed but probably not what was meant.
+    `declared`: the config without its command line's `+key=value` additions (train.py), whose keys are
+    then the only ones allowed. Returns warnings: settings that are allowed but probably not what was meant.
     """
-    problems = type_problems(config)
+    problems = [] if declared is None else undeclared_key_problems(config, declared)
+    problems += type_problems(config)
     try:
         problems += loss_config_problems(config.loss)
         problems += optimization_problems(config.optimizer, config.weight_decay, config.lr_scheduler)

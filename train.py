@@ -187,9 +187,11 @@ def train_worker(rank: int, world_size: int, config: DictConfig, run_dir: Path |
         build_trainer(config, run_dir, device, rank, world_size).train()
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
+        checkpoints.remove_unused_run_dir(run_dir if rank == 0 else None)
         sys.exit(2)
     except stopping.RunStopped as stop:  # preempted (exit code 75) or a non-finite step (3): see stopping.py
         print(f"{'stopped' if rank == 0 else f'rank {rank} stopped'}: {stop}", file=sys.stderr, flush=True)
+        checkpoints.remove_unused_run_dir(run_dir if rank == 0 else None)
         sys.exit(stop.exit_code)
     except KeyboardInterrupt:  # a second Ctrl-C (stopping.PreemptionSignals)
         print("stopped at once by a second Ctrl-C; resume_from=auto continues from the last checkpoint",
@@ -199,6 +201,24 @@ def train_worker(rank: int, world_size: int, config: DictConfig, run_dir: Path |
         signals_before_training.restore()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def declared_config() -> DictConfig | None:
+    """The config this command composes without its `+key=value` additions: only keys config files declare.
+
+    `+group=option` (a config group such as +recipe=tiny) stays: its file declares what it adds.
+    None when main() runs without Hydra's command line (tests call it with a composed config).
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    kept = [o for o in HydraConfig.get().overrides.task if not o.startswith("+") or _names_group(o)]
+    return hydra.compose(config_name="config", overrides=kept)
+
+
+def _names_group(override: str) -> bool:
+    return (CONFIG_DIR / override.lstrip("+").split("=", 1)[0].split("@", 1)[0]).is_dir()
 
 
 @hydra.main(version_base=None, config_path="config", config_name="config")
@@ -212,7 +232,7 @@ def main(config: DictConfig) -> None:
         if note and int(os.environ.get("RANK", 0)) == 0:
             print(note, flush=True)
     try:
-        warnings = validate_config(config, world_size)
+        warnings = validate_config(config, world_size, declared=declared_config())
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -8,12 +8,14 @@ used as `model=blank_model model.name_or_path=<folder>` is: with no model.block_
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 import torch
-from conftest import SMALL_MODEL, compose_config, run_in_processes, train_records
+from conftest import REPO_ROOT, SMALL_MODEL, compose_config, run_in_processes, train_records
 from safetensors.torch import save_file
 from test_crash_safety import write_fake_checkpoint
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen2Config
@@ -240,12 +242,18 @@ def test_an_archive_of_another_model_is_refused_before_its_weights_load(model_fo
     )
 
 
-def test_a_tokenizer_of_another_model_is_refused(tmp_path):
+def small_vocabulary_folder(tmp_path):
+    """A model folder whose config has 64 embedding rows, with a 417-token tokenizer (configs are read, not weights)."""
     folder = tmp_path / "small-vocabulary"
+    LlamaConfig(vocab_size=64, **SHAPE).save_pretrained(folder)
+    embedded.build_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_a_tokenizer_of_another_model_is_refused(tmp_path):
+    folder = small_vocabulary_folder(tmp_path)
+    config = compose_config(blank_model(folder))
     tokenizer = embedded.build_tokenizer()
-    LlamaConfig(vocab_size=64, **SHAPE).save_pretrained(folder)  # configs are read, never the weights
-    config = compose_config(blank_model(folder) + ["model.tokenizer_name_or_path=null"])
-    tokenizer.save_pretrained(folder)
     with pytest.raises(ModelLoadError, match=rf"The tokenizer \({folder}\) has {len(tokenizer)} tokens, but {folder} "):
         train.build_trainer(config, tmp_path, torch.device("cpu"), rank=0, world_size=1)
 
@@ -311,3 +319,25 @@ def test_sigterm_before_the_training_loop_exits_75_with_a_message(tmp_path, caps
     assert exit_info.value.code == stopping.EXIT_PREEMPTED
     assert "stopped: SIGTERM received before training started" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is default
+
+
+# ----- keys nobody declares, and run folders an error leaves behind -----------------------------------
+
+
+def test_a_key_added_with_plus_is_refused_from_the_command_line(tmp_path):
+    """`+lrr=1e-3` (Hydra's own hint for a misspelt key) used to be accepted and ignored."""
+    command = [sys.executable, str(REPO_ROOT / "train.py"), "+lrr=1e-3", "++lr=1e-3", "+model.foo=2"]
+    result = subprocess.run(command + [f"local_dirs=[{tmp_path}]"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "  - lrr: no such setting (added with +lrr=...); nothing would read it." in result.stderr
+    assert "  - model.foo: no such setting" in result.stderr and "  - lr:" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_error_after_validation_leaves_no_run_folder(tmp_path, capsys):
+    folder = small_vocabulary_folder(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main.__wrapped__(compose_config(blank_model(folder) + [f"local_dirs=[{tmp_path / 'runs'}]"]))
+    assert exit_info.value.code == 2
+    assert "run folder: " in capsys.readouterr().out  # it was made, then removed
+    assert list((tmp_path / "runs").iterdir()) == []
