@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, compose_config
+from conftest import REPO_ROOT, SMALL_MODEL, compose_config
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 from run_fixtures import write_run
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 import embedded
 import evaluate
@@ -525,9 +525,9 @@ def test_a_lora_checkpoint_is_merged_into_its_runs_base(folders, tmp_path):
 
     run_dir = tmp_path / "lora_run"
     run_dir.mkdir()
-    run_config = compose_config(["loss=dpo", "lora.enabled=true"])
+    run_config = compose_config(["loss=dpo", "lora.enabled=true", *SMALL_MODEL])
     OmegaConf.save(run_config, run_dir / "config.yaml")
-    tokenizer = embedded.build_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(folders["policy"])
     base = load_model(run_config.model, "float32", tokenizer, run_config.max_length, run_config.seed)
     torch.manual_seed(3)
     adapted = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
