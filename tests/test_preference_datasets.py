@@ -29,6 +29,7 @@ from dataset_fixtures import (
     write_shp_repo,
 )
 
+import console
 import dataset_loading
 import dataset_registry
 from batching import collate_prompts, iterate_batches, packed_batch, padded_batch
@@ -738,6 +739,26 @@ def corrupt_key(path):  # e.g. an entry copied over another
 
 def corrupt_by_overwriting(path):
     path.write_bytes(b"not a zip")
+
+
+def test_only_the_main_process_prints_and_every_process_gets_the_same_examples(tmp_path, tokenizer, capsys):
+    write_hh(tmp_path / "hh-rlhf")
+    names = ["hh", str(write_preference_file(tmp_path / "prefs.jsonl", cache_rows()))]
+    main, _ = tokenize_with_cache(tmp_path, names, tokenizer, str(tmp_path / "tokenized"))
+    assert "tokenized hh train: cached at" in capsys.readouterr().out
+    console.set_main_process(False)  # what train.py decides once on ranks other than 0
+    try:
+        other, _ = tokenize_with_cache(tmp_path, names, tokenizer, str(tmp_path / "tokenized"))
+        fresh, _ = tokenize_with_cache(tmp_path, names, tokenizer, None)
+    finally:
+        console.set_main_process(True)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    assert list(other) == list(fresh) == list(main)
+    with console.silenced():
+        console.say("not shown")
+    console.say("shown")
+    assert capsys.readouterr().out == "shown\n"
 
 
 @pytest.mark.parametrize("corrupt", [corrupt_by_truncating, corrupt_by_overwriting, corrupt_spans, corrupt_key])
