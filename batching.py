@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from errors import DatasetError
-from losses import IGNORE_INDEX
+from logprobs import IGNORE_INDEX
 
 
 def ceil_div(numerator: int, denominator: int) -> int:

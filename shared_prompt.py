@@ -27,7 +27,7 @@ implementation. Flash attention takes no arbitrary mask at all; the probe
 import torch
 import torch.nn as nn
 
-from losses import IGNORE_INDEX, label_logps_chunked
+from logprobs import IGNORE_INDEX, label_logps_chunked
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # the part of its pair a row position holds (padding: PROMPT of pair -1)
 
@@ -183,7 +183,7 @@ def shared_prompt_logps(
 
     With chunk_tokens the model returns its last hidden states (and the logits of one position
     only), and only the predictor positions reach the output projection, chunk_tokens rows at
-    a time (losses.label_logps_chunked). Without it, log_softmax runs in float32 on the full
+    a time (logprobs.label_logps_chunked). Without it, log_softmax runs in float32 on the full
     logits' predictor positions only.
 
     Returns (logps, n_tokens), both (2 * n_pairs,): summed (or, with average, length-averaged)

@@ -22,7 +22,7 @@ import chat_templates
 import preference_datasets
 import token_cache
 from errors import DatasetError
-from losses import IGNORE_INDEX
+from logprobs import IGNORE_INDEX
 from token_cache import PER_EXAMPLE, POINTS_INTO
 
 TOKENIZE_CHUNK = 1024  # texts per batched tokenizer call

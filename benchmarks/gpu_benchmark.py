@@ -205,10 +205,11 @@ def run_ours(config, args: argparse.Namespace, run_dir: str) -> dict:
     import torch.distributed as dist
 
     import train
+    from trainers import TRAINERS
     from utils import free_port, resolve_device, seed_everything
 
     device = resolve_device(config.device, 0)
-    if config.trainer == "FSDPTrainer":
+    if TRAINERS[config.trainer].multi_process:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         if device.type == "cuda":

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import embedded  # noqa: E402
 from batching import collate_prompts, padded_batch  # noqa: E402
-from losses import sequence_logps  # noqa: E402
+from logprobs import sequence_logps  # noqa: E402
 from tokenization import tokenize_datasets  # noqa: E402
 
 BATCH_SIZE = 64

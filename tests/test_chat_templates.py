@@ -29,7 +29,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import chat_templates
 from errors import DatasetError
-from losses import IGNORE_INDEX
+from logprobs import IGNORE_INDEX
 from preference_datasets import Message, get_dataset, load_preference_file
 from tokenization import tokenize_datasets
 

@@ -9,13 +9,9 @@ from conftest import compose_config, equivalence_overrides, run_in_processes, tr
 from omegaconf import OmegaConf
 
 from config_checks import validate_config
+from loss_registry import LOSS_KEYS, LOSS_NAMES, LossSpec, loss_config_problems, loss_config_warnings
 from losses import (
-    LOSS_KEYS,
-    LOSS_NAMES,
-    LossSpec,
     hinge_loss,
-    loss_config_problems,
-    loss_config_warnings,
     orpo_loss,
     preference_loss,
     rdpo_loss,
