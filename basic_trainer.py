@@ -35,7 +35,7 @@ from batching import (
     training_order,
 )
 from chat_templates import stop_token_ids, with_answer
-from errors import ModelLoadError
+from errors import CheckpointWriteError, ModelLoadError
 from logprobs import labelled_tokens, sequence_logps, sequence_logps_from_hidden
 from loss_registry import LossSpec
 from models import block_class_name
@@ -512,24 +512,46 @@ class BasicTrainer:
         if self.config.debug:
             return
         tmp_dir = checkpoints.partial_dir(self.run_dir, name)
-        if self.is_main:
-            checkpoints.start_partial(tmp_dir)
-        self.barrier()
-        self.save_optimizer_state(tmp_dir)
+        # every rank learns whether any write failed, so that none waits for a rank that stopped
+        self.stop_unless_saved(name, self.attempt(checkpoints.start_partial, tmp_dir) if self.is_main else None)
+        self.stop_unless_saved(name, self.attempt(self.save_optimizer_state, tmp_dir))
         state_dict = self.full_policy_state_dict()
-        if self.is_main:
-            model = self.policy
-            if self.config.lora.enabled:
-                lora.save_adapter(checkpoints.adapter_dir(tmp_dir), self.policy, state_dict)
-                model = lora.base_model(self.policy)
-                merged = checkpoints.keeps_merged_model(name, self.config.lora.load_in_4bit)
-                state_dict = lora.merged_state_dict(self.policy, state_dict) if merged else None
-            checkpoints.write_checkpoint(
-                self.run_dir / name, tmp_dir, model, state_dict, self.tokenizer, self.trainer_state()
-            )
-            print(f"saved {self.run_dir / name}", flush=True)
-        self.barrier()
+        failure = self.attempt(self.write_policy, name, tmp_dir, state_dict) if self.is_main else None
+        self.stop_unless_saved(name, failure)
         self.last_checkpoint = self.run_dir / name
+
+    def write_policy(self, name: str, tmp_dir: Path, state_dict: dict[str, torch.Tensor]) -> None:
+        """On rank 0: the model folder, tokenizer and trainer state into tmp_dir, then renamed to <run_dir>/<name>."""
+        model = self.policy
+        if self.config.lora.enabled:
+            lora.save_adapter(checkpoints.adapter_dir(tmp_dir), self.policy, state_dict)
+            model = lora.base_model(self.policy)
+            merged = checkpoints.keeps_merged_model(name, self.config.lora.load_in_4bit)
+            state_dict = lora.merged_state_dict(self.policy, state_dict) if merged else None
+        checkpoints.write_checkpoint(
+            self.run_dir / name, tmp_dir, model, state_dict, self.tokenizer, self.trainer_state()
+        )
+        print(f"saved {self.run_dir / name}", flush=True)
+
+    @staticmethod
+    def attempt(write, *args) -> OSError | None:
+        """Run a write; the OSError it raised (full disk, unwritable folder), or None."""
+        try:
+            write(*args)
+        except OSError as error:
+            return error
+        return None
+
+    def stop_unless_saved(self, name: str, failure: OSError | None) -> None:
+        """Raise CheckpointWriteError on every rank if a write failed on any (one all-reduce; a barrier too)."""
+        if not stopping.any_rank_requests(failure is not None, self.device, self.distributed):
+            return
+        kept = f"{self.last_checkpoint} is intact" if self.last_checkpoint else "no earlier checkpoint exists"
+        cause = failure if failure is not None else "a write failed on another rank"
+        raise CheckpointWriteError(
+            f"could not write the checkpoint {self.run_dir / name} ({cause}); {kept}. Free disk space or make the "
+            "run folder writable, then resubmit with resume_from=auto."
+        ) from failure
 
     def resume(self, checkpoint_dir: Path) -> None:
         """Continue a run from its checkpoint: optimizer, scheduler, counters and RNG states.
@@ -622,9 +644,6 @@ class BasicTrainer:
     def gather_objects(self, items: list) -> list:
         """All ranks' lists concatenated, in rank order (only meaningful on rank 0)."""
         return items
-
-    def barrier(self) -> None:
-        """Wait for all ranks."""
 
     def full_policy_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The full, unsharded policy weights on the CPU of rank 0 (None elsewhere)."""

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -51,9 +52,6 @@ class _DistributedTrainer(BasicTrainer):
         dist.all_gather_object(gathered, items)
         return [item for rank_items in gathered for item in rank_items]
 
-    def barrier(self) -> None:
-        dist.barrier()
-
     def full_policy_state_dict(self) -> dict[str, torch.Tensor] | None:
         # gathered one tensor at a time into CPU memory of rank 0 only
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -63,7 +61,10 @@ class _DistributedTrainer(BasicTrainer):
     def save_optimizer_state(self, checkpoint_dir: Path) -> None:
         # each rank writes its own shard; no rank ever holds the whole optimizer state
         state = {"optimizer": get_optimizer_state_dict(self.policy, self.optimizer)}
-        dcp.save(state, checkpoint_id=str(checkpoint_dir / checkpoints.OPTIMIZER_SHARDS))
+        try:
+            dcp.save(state, checkpoint_id=str(checkpoint_dir / checkpoints.OPTIMIZER_SHARDS))
+        except CheckpointException as error:  # a failed write on any rank, reported on every rank
+            raise OSError(f"the optimizer shards could not be written: {error}") from error
 
     def load_optimizer_state(self, checkpoint_dir: Path) -> None:
         # each rank reads the shard it owns into the state dict's layout, then applies it
