@@ -4,6 +4,7 @@ import ast
 import errno
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,25 @@ def test_one_process_save_failure_is_one_error_line(tmp_path, monkeypatch, capsy
     assert exited.value.code == 2
     assert "error: could not write the checkpoint" in capsys.readouterr().err
     assert len(train_records(tmp_path / "run")) == 2  # the steps ran and were logged; only the save failed
+
+
+def test_keep_training_runs_again_after_each_preemption_and_passes_other_codes_on(tmp_path):
+    counter = tmp_path / "runs"
+    # exits 75 (preempted) on its first two runs, then with the code given as its argument
+    command = (
+        f'n=$(cat {counter} 2>/dev/null || echo 0); echo $((n + 1)) > {counter}; [ "$n" -ge 2 ] || exit 75; exit "$0"'
+    )
+    script = str(REPO_ROOT / "scripts" / "keep_training.sh")
+    for final_code in (0, 2):
+        counter.unlink(missing_ok=True)
+        done = subprocess.run([script, "bash", "-c", command, str(final_code)], capture_output=True, text=True)
+        assert done.returncode == final_code and counter.read_text() == "3\n"
+        assert done.stderr.count("preempted (exit 75)") == 2
+    counter.unlink()
+    limited = subprocess.run(
+        [script, "bash", "-c", command, "0"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "KEEP_TRAINING_MAX_RUNS": "2"},
+    )
+    assert limited.returncode == 75 and counter.read_text() == "2\n"
