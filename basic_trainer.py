@@ -41,6 +41,13 @@ from loss_registry import LossSpec
 from models import block_class_name
 from optimization import make_optimizer, make_scheduler
 from reference import Reference
+from reward_scores import (
+    attention_accepts_shared_prompt_scores,
+    packed_score_index,
+    padded_score_index,
+    sequence_scores,
+    shared_prompt_scores,
+)
 from run_log import MetricSums, RunLog
 from shared_prompt import attention_accepts_shared_prompt_mask, shared_prompt_batch, shared_prompt_logps
 from utils import DTYPES
@@ -150,7 +157,14 @@ class BasicTrainer:
 
     def prepare(self) -> None:
         """The work before the first step: choose the log-prob path, ready the reference (precompute), resume."""
-        self.chunked_logps = self.config.logps_chunk_tokens is not None and self.logits_are_projected_hidden_states()
+        if self.loss.is_reward_model and self.is_main:
+            print(
+                "note: loss=reward trains a reward model, which computes no log-probs and generates nothing: "
+                "logps_chunk_tokens and sample_during_eval do not apply",
+                flush=True,
+            )
+        chunk = self.config.logps_chunk_tokens is not None and not self.loss.is_reward_model
+        self.chunked_logps = chunk and self.logits_are_projected_hidden_states()
         self.prompts_shared = self.config.share_prompt and self.attention_takes_shared_prompts()
         self.reference = self.reference.ready(self)
         if self.config.resume_from is not None:
@@ -272,7 +286,7 @@ class BasicTrainer:
             ):
                 self.loss_and_metrics(self.policy, self.local_share(batch), metrics, "eval")
         results = metrics.summed_over_ranks(self.device, self.data_world_size > 1).averages()
-        if self.config.sample_during_eval and self.config.n_eval_model_samples > 0:
+        if self.config.sample_during_eval and self.config.n_eval_model_samples > 0 and not self.loss.is_reward_model:
             self.run_log.write_samples(self.sample(), self.examples_seen)
         self.policy.train()
         self.run_log.log(results, self.examples_seen, self.optimizer_steps)
@@ -344,17 +358,20 @@ class BasicTrainer:
             metrics.add(f"loss/{split}", losses, count=weights.sum())
             return losses.sum()
 
-        policy_chosen, policy_rejected, chosen_tokens, rejected_tokens = self.pair_logps(model, examples)
+        if self.loss.is_reward_model:  # a reward model: its scores are the rewards, and no log-probs exist
+            chosen, rejected, chosen_tokens, rejected_tokens = self.pair_scores(model, examples)
+        else:
+            chosen, rejected, chosen_tokens, rejected_tokens = self.pair_logps(model, examples)
+            metrics.add(f"logps_{split}/chosen", self.loss.scored_logps(chosen, chosen_tokens))
+            metrics.add(f"logps_{split}/rejected", self.loss.scored_logps(rejected, rejected_tokens))
         reference_chosen, reference_rejected = self.reference.pair_logps(examples, split)
         losses, chosen_rewards, rejected_rewards = self.loss.pair_losses(
-            policy_chosen, policy_rejected, reference_chosen, reference_rejected, chosen_tokens, rejected_tokens
+            chosen, rejected, reference_chosen, reference_rejected, chosen_tokens, rejected_tokens
         )
         metrics.add(f"rewards_{split}/chosen", chosen_rewards)
         metrics.add(f"rewards_{split}/rejected", rejected_rewards)
         metrics.add(f"rewards_{split}/accuracies", (chosen_rewards > rejected_rewards).double())
         metrics.add(f"rewards_{split}/margins", chosen_rewards - rejected_rewards)
-        metrics.add(f"logps_{split}/chosen", self.loss.scored_logps(policy_chosen, chosen_tokens))
-        metrics.add(f"logps_{split}/rejected", self.loss.scored_logps(policy_rejected, rejected_tokens))
         metrics.add(f"loss/{split}", losses)
         return losses.sum()
 
@@ -429,9 +446,44 @@ class BasicTrainer:
             self.release_gathered_weights(model)
         return result
 
+    def pair_scores(
+        self, model: nn.Module, examples: list[dict]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A reward model's chosen and rejected scores and token counts from ONE forward pass, each (batch,).
+
+        The layouts are pair_logps's (padded, packed, prefix-shared); see reward_scores.py for where
+        each score is read.
+        """
+        n, pad = len(examples), self.pad_token_id
+        if self.prompts_shared:
+            row_tokens = self.config.max_length if self.config.packing else None
+            batch = {k: v.to(self.device) for k, v in shared_prompt_batch(examples, pad, row_tokens).items()}
+            with self.autocast():
+                scores = shared_prompt_scores(model, batch)
+            n_tokens = batch["n_tokens"]
+        else:
+            input_ids = [e[f"{side}_input_ids"] for side in ("chosen", "rejected") for e in examples]
+            labels = [e[f"{side}_labels"] for side in ("chosen", "rejected") for e in examples]
+            if self.config.packing:
+                batch = packed_batch(input_ids, labels, pad, self.config.max_length)
+                score_index = packed_score_index(input_ids, batch.pop("sequence_ids"), pad)
+            else:
+                batch = padded_batch(input_ids, labels, pad)
+                score_index = padded_score_index(input_ids, batch["input_ids"].shape[1], pad)
+            n_tokens = torch.tensor([labelled_tokens(label) for label in labels], device=self.device)
+            inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
+            with self.autocast():
+                scores = sequence_scores(model, inputs, score_index.to(self.device))
+        if not torch.is_grad_enabled():
+            self.release_gathered_weights(model)
+        return scores[:n], scores[n:], n_tokens[:n], n_tokens[n:]
+
     def attention_takes_shared_prompts(self) -> bool:
         """Whether the policy's attention computes exactly on prefix-shared rows (see shared_prompt.py)."""
-        accepted = attention_accepts_shared_prompt_mask(self.policy, self.config.max_length)
+        if self.loss.is_reward_model:
+            accepted = attention_accepts_shared_prompt_scores(self.policy, self.config.max_length, self.pad_token_id)
+        else:
+            accepted = attention_accepts_shared_prompt_mask(self.policy, self.config.max_length)
         self.release_gathered_weights(self.policy)
         if not accepted and self.is_main:
             print(

@@ -134,7 +134,13 @@ def _check_not_tied(model: PreTrainedModel, modules_to_save: list[str]) -> None:
         )
 
 
-def add_adapter(model: PreTrainedModel, config: DictConfig, block_name: str, resume_dir: Path | None) -> PeftModel:
+# peft's task type by models.MODEL_CLASSES head: a sequence classifier's score head is trained in full and saved
+TASK_TYPES = {"causal_lm": "CAUSAL_LM", "reward": "SEQ_CLS"}
+
+
+def add_adapter(
+    model: PreTrainedModel, config: DictConfig, block_name: str, resume_dir: Path | None, head: str = "causal_lm"
+) -> PeftModel:
     """The policy: `model` frozen, with trainable adapters (fresh, or a resumed run's from `resume_dir`)."""
     settings = config.lora
     targets = list(settings.target_modules or block_linear_names(model, block_name))
@@ -154,7 +160,7 @@ def add_adapter(model: PreTrainedModel, config: DictConfig, block_name: str, res
         target_modules=targets,
         modules_to_save=modules_to_save or None,
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=TASK_TYPES[head],
     )
     return get_peft_model(model, lora_config, adapter_name=ADAPTER)
 

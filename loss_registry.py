@@ -20,6 +20,7 @@ from losses import (
     orpo_loss,
     preference_loss,
     rdpo_loss,
+    reward_model_loss,
     robust_loss,
     simpo_loss,
 )
@@ -47,6 +48,8 @@ class LossSpec:
     length_penalty: float = 0.0  # R-DPO: weight of the chosen-minus-rejected token count
     gamma: float = 0.0  # SimPO: target reward margin
     odds_ratio_weight: float = 0.0  # ORPO: lambda, the weight of the odds-ratio term
+    margin: float = 0.0  # reward model: how far the chosen score must lead the rejected one
+    center_weight: float = 0.0  # reward model: weight of (r_chosen + r_rejected)^2, keeping scores near 0
 
     @classmethod
     def from_config(cls, loss_config: Mapping) -> "LossSpec":
@@ -62,6 +65,16 @@ class LossSpec:
     def is_preference(self) -> bool:
         """Whether examples are (chosen, rejected) pairs; SFT trains on single targets."""
         return self.definition.pair_loss is not None
+
+    @property
+    def head(self) -> str:
+        """What the trained model computes: "causal_lm" (log-probs of responses) or "reward" (one score each)."""
+        return self.definition.head
+
+    @property
+    def is_reward_model(self) -> bool:
+        """Whether the run trains a reward model: pairs get scores from a score head, not log-probs."""
+        return self.head == "reward"
 
     @property
     def uses_reference(self) -> bool:
@@ -123,6 +136,7 @@ class LossDefinition:
     pair_loss: PairLoss | None  # None: the loss trains on single targets (SFT)
     compares_to_reference: bool  # against a reference model (unless reference_free turns it off)
     averages_log_probs: bool | str = False  # True, or the flag key that turns length averaging on
+    head: str = "causal_lm"  # "reward": the model scores each response (models.MODEL_CLASSES); pairs get scores
     beta_range: tuple[float, float, str] | None = None  # where beta is sensible, and why; outside it: a warning
     warnings: Callable[[LossSpec], list[str]] = field(default=lambda spec: [])  # other unlikely settings
 
@@ -157,6 +171,10 @@ def _simpo(spec: LossSpec, logps, chosen_tokens, rejected_tokens) -> LossOutput:
 
 def _orpo(spec: LossSpec, logps, chosen_tokens, rejected_tokens) -> LossOutput:
     return orpo_loss(logps[0], logps[1], chosen_tokens, rejected_tokens, spec.odds_ratio_weight)
+
+
+def _reward(spec: LossSpec, scores, chosen_tokens, rejected_tokens) -> LossOutput:
+    return reward_model_loss(scores[0], scores[1], spec.margin, spec.center_weight)
 
 
 SIMPO_GAMMA_BETA_RATIO_MAX = 1.0  # the SimPO authors tune gamma / beta in [0, 1], starting from 0.5
@@ -231,6 +249,12 @@ LOSSES: dict[str, LossDefinition] = {
         averages_log_probs=True,
         warnings=_orpo_warnings,
     ),
+    "reward": LossDefinition(
+        keys=("margin", "center_weight"),
+        pair_loss=_reward,
+        compares_to_reference=False,
+        head="reward",
+    ),
 }
 LOSS_NAMES = tuple(LOSSES)
 LOSS_KEYS: dict[str, tuple[str, ...]] = {name: row.keys for name, row in LOSSES.items()}
@@ -269,6 +293,14 @@ KEY_RULES: dict[str, KeyRule] = {
     "gamma": KeyRule(
         allows=lambda v: v >= 0,
         rule="must be 0 or more: SimPO's target reward margin (typically beta / 2); 0 for none.",
+    ),
+    "margin": KeyRule(
+        allows=lambda v: v >= 0,
+        rule="must be 0 or more: how far the chosen score must lead (0: plain Bradley-Terry).",
+    ),
+    "center_weight": KeyRule(
+        allows=lambda v: v >= 0,
+        rule="must be 0 or more: the weight of (r_chosen + r_rejected)^2 (e.g. 0.01); 0 turns it off.",
     ),
     "odds_ratio_weight": KeyRule(
         allows=lambda v: v > 0,

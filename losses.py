@@ -205,3 +205,20 @@ def orpo_loss(
     log_odds_ratio = (chosen_mean - _log1mexp(chosen_mean)) - (rejected_mean - _log1mexp(rejected_mean))
     losses = -chosen_mean - odds_ratio_weight * F.logsigmoid(log_odds_ratio)
     return losses, odds_ratio_weight * chosen_mean.detach(), odds_ratio_weight * rejected_mean.detach()
+
+
+def reward_model_loss(
+    chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, margin: float, center_weight: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bradley-Terry loss of a reward model (InstructGPT, Ouyang et al., 2022, eq. 1): -log sigma(r_w - r_l - m).
+
+    chosen_scores, rejected_scores: (batch,) the model's scalar scores r of each pair's two
+    responses. m = margin asks the chosen score to lead by at least that much (0: the plain
+    Bradley-Terry model). center_weight adds lambda * (r_w + r_l)^2, which keeps scores near 0
+    without changing which response wins (Eisenstein et al., 2023, arXiv:2312.09244).
+    Returns (losses, chosen_rewards, rejected_rewards), each (batch,), the rewards being the scores, detached.
+    """
+    losses = -F.logsigmoid(chosen_scores - rejected_scores - margin)
+    if center_weight:
+        losses = losses + center_weight * (chosen_scores + rejected_scores) ** 2
+    return losses, chosen_scores.detach(), rejected_scores.detach()

@@ -93,18 +93,20 @@ def policy_model_config(config: DictConfig) -> DictConfig:
     return OmegaConf.merge(config.model, {"archive": config.resume_from})
 
 
-def load_policy(config: DictConfig, tokenizer) -> PreTrainedModel:
-    """The policy (from model.archive or the pretrained weights); with lora.enabled the base with adapters.
+def load_policy(config: DictConfig, loss: LossSpec, tokenizer) -> PreTrainedModel:
+    """The model trained (from model.archive or the pretrained weights); with lora.enabled the base with adapters.
 
+    A language model, or for loss=reward the same architecture with a score head (loss.head).
     A resumed LoRA run starts from the same base as before; its adapter comes from the checkpoint.
     """
     policy = load_model(
         policy_model_config(config), config.model.policy_dtype, tokenizer, config.max_length, config.seed,
-        load_in_4bit=config.lora.load_in_4bit,
+        load_in_4bit=config.lora.load_in_4bit, head=loss.head,
     )  # fmt: skip
     if config.lora.enabled:
         resume_dir = None if config.resume_from is None else checkpoints.adapter_dir(Path(config.resume_from))
-        policy = lora.add_adapter(policy, config, block_class_name(policy, config.model.block_name), resume_dir)
+        block = block_class_name(policy, config.model.block_name)
+        policy = lora.add_adapter(policy, config, block, resume_dir, loss.head)
     return policy
 
 
@@ -149,7 +151,7 @@ def build_trainer(
     set_chat_template(tokenizer, config.chat_template)  # conversational data and sampling both use it
     data_parallel = trainer_class.data_parallel_size(world_size)
     train_examples, eval_examples = load_examples(config, loss, tokenizer, is_main, data_parallel)
-    policy = load_policy(config, tokenizer)
+    policy = load_policy(config, loss, tokenizer)
     reference = choose_reference(config, loss, tokenizer, train_examples, eval_examples, is_main)
     if is_main:
         n_params = sum(p.numel() for p in policy.parameters())

@@ -405,7 +405,7 @@ def run_ours(config, tokenizer, train_examples, eval_examples, args: argparse.Na
     from train import choose_reference, load_policy
 
     loss = LossSpec.from_config(config.loss)
-    policy = load_policy(config, tokenizer)
+    policy = load_policy(config, loss, tokenizer)
     reference = choose_reference(config, loss, tokenizer, train_examples, eval_examples, is_main=False)
     setup_start = time.perf_counter()
     trainer = trainers.BasicTrainer(
@@ -492,9 +492,11 @@ class BareStep:
     def __init__(self, config, tokenizer, dtype: str):
         import torch
 
+        from loss_registry import LossSpec
         from train import load_policy, load_reference_model
 
-        self.policy, self.reference = load_policy(config, tokenizer), load_reference_model(config, tokenizer)
+        self.policy = load_policy(config, LossSpec.from_config(config.loss), tokenizer)
+        self.reference = load_reference_model(config, tokenizer)
         self.reference.requires_grad_(False)
         self.reference.eval()
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
@@ -570,6 +572,7 @@ def run_trl(
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+    from loss_registry import LossSpec
     from train import load_policy
 
     recorder = recorder or StepRecorder()
@@ -594,7 +597,7 @@ def run_trl(
 
     batches = batches_of(train_examples, config, args.warmup + args.steps)
     pairs = [pairs_by_prompt[e["prompt"]] for batch in batches for e in batch]
-    policy = load_policy(config, tokenizer)
+    policy = load_policy(config, LossSpec.from_config(config.loss), tokenizer)
     trl_config = DPOConfig(
         output_dir=run_dir,
         seed=SEED,
