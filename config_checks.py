@@ -7,9 +7,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import lora
-import preference_datasets
 from chat_templates import chat_template_problem
 from checkpoints import AUTO, archive_problem, resume_config_problems, resume_problem
+from dataset_loading import dataset_config_problems
 from errors import ConfigError
 from loss_registry import LossSpec, loss_config_problems, loss_config_warnings
 from optimization import optimization_problems
@@ -111,19 +111,7 @@ def _check_batches(config: DictConfig, trainer: type[BasicTrainer], world_size: 
 
 
 def _check_datasets(config: DictConfig, problems: list[str]) -> None:
-    if not config.datasets:
-        problems.append("datasets=[]: name at least one dataset, e.g. datasets=[hh].")
-    for name in config.datasets:
-        name = str(name)
-        if name.endswith(preference_datasets.DATA_FILE_SUFFIXES):
-            if not Path(name).is_file():
-                problems.append(f"datasets entry {name}: no such file.")
-        elif not callable(getattr(preference_datasets, f"get_{name}", None)):
-            known = ", ".join(preference_datasets.available_datasets())
-            problems.append(
-                f"datasets entry {name}: unknown dataset. Known: {known}; or give a path to a "
-                ".jsonl/.json/.parquet file with prompt/chosen/rejected fields."
-            )
+    problems += dataset_config_problems(config)
 
 
 def _check_values(config: DictConfig, problems: list[str]) -> None:

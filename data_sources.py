@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from html.parser import HTMLParser
 from typing import TYPE_CHECKING
 
+import console
 from errors import DatasetError
 
 if TYPE_CHECKING:
@@ -25,7 +26,6 @@ def load_hub_rows(
     splits: tuple[str, ...],
     fields: tuple[str, ...],
     cache_dir: str | None,
-    silent: bool,
 ) -> "datasets.Dataset":
     """One split of a Hub dataset (a `datasets.Dataset`), from the Hub or a local copy of its repository.
 
@@ -45,10 +45,10 @@ def load_hub_rows(
         raise DatasetError(
             f"dataset_paths.{name}={source}: no such directory. Download it with {download} and pass that DIR."
         )
-    if not silent:
-        print(f"Loading dataset {name!r} ({split}) from {source}", flush=True)
+    console.say(f"Loading dataset {name!r} ({split}) from {source}")
+    quiet = not console.is_main_process()
     progress_bars_were_disabled = datasets.are_progress_bars_disabled()
-    if silent:
+    if quiet:
         datasets.disable_progress_bars()
     try:
         rows = datasets.load_dataset(
@@ -66,7 +66,7 @@ def load_hub_rows(
             "or run once online so the datasets cache holds it."
         ) from error
     finally:
-        if silent and not progress_bars_were_disabled:
+        if quiet and not progress_bars_were_disabled:
             datasets.enable_progress_bars()
     missing = [field for field in fields if field not in rows.column_names]
     if missing:

@@ -19,6 +19,8 @@ import re
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from preference_entry import PreferenceEntry
+
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 TOKENIZER_VOCAB_SIZE = 512
@@ -55,10 +57,9 @@ def _is_held_out(prompt: str, eval_fraction: float) -> bool:
     return int.from_bytes(digest[:4], "big") / 2**32 < eval_fraction
 
 
-def number_preferences(split: str, eval_fraction: float) -> dict[str, dict]:
-    """The task in the preference-data contract of preference_datasets.py.
+def number_preferences(split: str, eval_fraction: float) -> dict[str, PreferenceEntry]:
+    """The task in the preference-data contract of preference_datasets.py: prompt -> PreferenceEntry.
 
-    Returns {prompt: {"responses": [...], "pairs": [(preferred, dispreferred)], "sft_target": str}}.
     "train" and "test" hold disjoint prompts (about eval_fraction of them are "test"); the
     content is the same on every call.
     """
@@ -78,11 +79,8 @@ def number_preferences(split: str, eval_fraction: float) -> dict[str, dict]:
         wrong = [numbers[0], other_wrong] if numbers[0] != correct else [other_wrong]
         responses = [_answer(correct, kind)] + [_answer(n, kind) for n in wrong]
         demonstrated = numbers[0] if sloppy else correct
-        data[prompt] = {
-            "responses": responses,
-            "pairs": [(0, i) for i in range(1, len(responses))],
-            "sft_target": _answer(demonstrated, kind),
-        }
+        pairs = [(0, i) for i in range(1, len(responses))]
+        data[prompt] = PreferenceEntry(responses=responses, pairs=pairs, sft_target=_answer(demonstrated, kind))
     return data
 
 

@@ -344,3 +344,24 @@ def format_value(value: object) -> str:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return str(value)
     return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
+
+
+def add_report_section(run_dir: Path, section_id: str, title: str, png: bytes, body_html: str) -> Path | None:
+    """Put a section (a title, an inline picture, some HTML) into run_dir/report.html, replacing one of the same id.
+
+    For evaluate.py's results. None when the run has no report.html. The trainer rewrites the report
+    at each of its evaluations, so a run still training loses the section until it is added again.
+    """
+    path = run_dir / REPORT_FILE
+    if not path.is_file():
+        return None
+    section = (
+        f'<section id="{html.escape(section_id)}">\n<h2>{html.escape(title)}</h2>\n'
+        f'<div class="pictures"><img alt="{html.escape(title)}" '
+        f'src="data:image/png;base64,{base64.b64encode(png).decode()}"></div>\n{body_html}\n</section>\n'
+    )
+    page = path.read_text(encoding="utf-8")
+    existing = re.compile(rf'<section id="{re.escape(html.escape(section_id))}">.*?</section>\n', re.DOTALL)
+    page = existing.sub(lambda _: "", page)
+    page = page.replace("</body>", section + "</body>", 1)
+    return write_atomically(path, page.encode())

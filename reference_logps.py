@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import console
 import lora
 from batching import training_order
 from models import weights_fingerprint
@@ -79,7 +80,6 @@ class ReferencePlan:
         train_examples: TokenizedExamples,
         eval_examples: TokenizedExamples,
         param_dtype: str | None,
-        announce: bool,
     ) -> "ReferencePlan":
         """The plan of a run; `param_dtype`: a dtype the trainer computes parameters in (FSDP's mixed precision)."""
         examples = {"train": train_examples, "eval": eval_examples}
@@ -89,13 +89,11 @@ class ReferencePlan:
         }
         folders = {path.parent for path in cache_files.values() if path is not None}
         if any(not _writable(folder) for folder in folders):
-            if announce:
-                print(
-                    f"note: cannot write reference log-probs under {config.cache_dir} (read-only or not a folder); "
-                    "they are computed and kept in memory for this run only. Point cache_dir at a writable folder "
-                    "to reuse them.",
-                    flush=True,
-                )
+            console.say(
+                f"note: cannot write reference log-probs under {config.cache_dir} (read-only or not a folder); "
+                "they are computed and kept in memory for this run only. Point cache_dir at a writable folder "
+                "to reuse them."
+            )
             cache_files = {split: None for split in SPLITS}
         return cls(examples, positions, cache_files)
 
@@ -103,7 +101,7 @@ class ReferencePlan:
         """The examples whose log-probs the run needs, in the order the stored values follow."""
         return self.examples[split].select(self.positions[split])
 
-    def load_cached(self, announce: bool) -> dict[str, torch.Tensor] | None:
+    def load_cached(self) -> dict[str, torch.Tensor] | None:
         """Every split's table from the cache; None unless all are there and readable.
 
         A damaged file (cut short by a full disk or a kill) is removed with a note, so the values
@@ -117,12 +115,10 @@ class ReferencePlan:
             try:
                 tables[split] = self._table(split, load_file(path)["logps"])
             except (OSError, KeyError, ValueError, SafetensorError) as error:
-                if announce:
-                    print(f"note: the reference log-probs cache {path} is damaged ({error}); computing it again.")
+                console.say(f"note: the reference log-probs cache {path} is damaged ({error}); computing it again.")
                 path.unlink(missing_ok=True)
                 return None
-            if announce:
-                print(f"reference log-probs ({split}): loaded from {path}", flush=True)
+            console.say(f"reference log-probs ({split}): loaded from {path}")
         return tables
 
     def store(self, split: str, logps: torch.Tensor, write_cache: bool) -> torch.Tensor:

@@ -24,12 +24,18 @@ import numpy as np
 import tokenizers
 import transformers
 
-import preference_datasets
+import console
+import dataset_loading
 from data_sources import looks_like_path
+from dataset_files import is_data_file
 
 # the modules whose code decides the tokens of a cached entry: editing one re-tokenizes
 CODE_MODULES = (
     "preference_datasets",
+    "preference_entry",
+    "dataset_registry",
+    "dataset_files",
+    "dataset_loading",
     "conversations",
     "data_sources",
     "tokenization",
@@ -37,10 +43,6 @@ CODE_MODULES = (
     "embedded",
     "chat_templates",
 )
-
-# Which array each index array points into, in the cached arrays of a dataset and in the storage
-# of tokenization.TokenizedExamples: where both are validated and concatenated.
-
 
 # Which array each index array points into, in the cached arrays of a dataset (_tokenize_data) and in
 # the storage of TokenizedExamples (_truncated): where both are validated and concatenated.
@@ -71,6 +73,7 @@ _STORED_ARRAYS = {  # what a cache entry holds (see _tokenize_data): name -> (dt
     "prompt_trained": (np.uint8, 1),  # 1 on prompt tokens SFT trains (earlier assistant turns), aligned with them
     "prompt_messages": (np.uint8, 1),  # UTF-8 JSON of each conversational prompt's messages
     "prompt_messages_spans": (np.int64, 2),  # empty for text prompts
+    "prompt_has_pairs": (np.uint8, 1),  # 1 when the prompt's entry has a pair (or a tie), 0 for an SFT target only
     "response_tokens": (np.int32, 1),
     "response_token_spans": (np.int64, 2),
     "example_prompt": (np.int64, 1),
@@ -85,12 +88,10 @@ def _data_identity(name: str, dataset_paths: Mapping[str, str] | None) -> dict:
     A Hub id stands for whatever the `datasets` cache holds for it; loaders without a source
     (numbers) are described completely by their code.
     """
-    if preference_datasets.is_data_file(name):
+    if is_data_file(name):
         return {"file": os.path.abspath(name), **_file_stamp(name)}
-    loader, source = preference_datasets.loader_and_source(name, dataset_paths)
-    if source is None:
-        parameter = inspect.signature(loader).parameters.get("source")
-        source = None if parameter is None else parameter.default
+    row = dataset_loading.dataset_row(name)
+    source = dataset_loading.dataset_source(row, dataset_paths) or row.source
     if source is None:
         return {"source": None}
     if not looks_like_path(source):
@@ -123,9 +124,11 @@ def _project_code_hash() -> str:
 
 
 def _code_identity(name: str) -> str:
-    """The project code's hash, plus a get_<name> loader's own code when it is defined outside preference_datasets."""
-    loader = getattr(preference_datasets, f"get_{name}", None)
-    if preference_datasets.is_data_file(name) or loader is None or loader.__module__ == preference_datasets.__name__:
+    """The project code's hash, plus a registered loader's own code when it is defined outside CODE_MODULES."""
+    if is_data_file(name):
+        return _project_code_hash()
+    loader = dataset_loading.dataset_row(name).loader
+    if loader.__module__ in CODE_MODULES:
         return _project_code_hash()
     try:
         loader_code = inspect.getsource(loader).encode()
@@ -185,7 +188,7 @@ def cache_path(tokenized_cache_dir: str, name: str, split: str, sft_mode: bool, 
     )
 
 
-def read_cache_entry(path: Path, key: str, label: str, silent: bool) -> dict[str, np.ndarray] | None:
+def read_cache_entry(path: Path, key: str, label: str) -> dict[str, np.ndarray] | None:
     """The arrays of the entry at path, or None when there is none or it is unreadable (with a note)."""
     if not path.exists():
         return None
@@ -196,11 +199,9 @@ def read_cache_entry(path: Path, key: str, label: str, silent: bool) -> dict[str
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         problem = f"{type(error).__name__}: {error}"
     if problem:
-        if not silent:
-            print(f"{label}: the cache entry {path} is unreadable ({problem}); rebuilding it.", flush=True)
+        console.say(f"{label}: the cache entry {path} is unreadable ({problem}); rebuilding it.")
         return None
-    if not silent:
-        print(f"{label}: loaded from cache {path}", flush=True)
+    console.say(f"{label}: loaded from cache {path}")
     del arrays["key"]
     return arrays
 
@@ -221,12 +222,9 @@ def _storage_problem(arrays: Mapping[str, np.ndarray], key: str) -> str | None:
         return (
             f"its per-example arrays differ in length: {[len(arrays[name]) for name in PER_EXAMPLE if name in arrays]}"
         )
-    if (
-        not len(arrays["prompt_token_spans"])
-        == len(arrays["prompt_text_spans"])
-        == len(arrays["prompt_messages_spans"])
-    ):
-        return "it has token, text and message spans for different numbers of prompts"
+    prompt_arrays = ("prompt_token_spans", "prompt_text_spans", "prompt_messages_spans", "prompt_has_pairs")
+    if len({len(arrays[name]) for name in prompt_arrays}) != 1:
+        return f"its per-prompt arrays {', '.join(prompt_arrays)} differ in length"
     if len(arrays["prompt_trained"]) != len(arrays["prompt_tokens"]):
         return "its prompt_trained and prompt_tokens differ in length"
     for name, target in POINTS_INTO.items():

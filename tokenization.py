@@ -12,20 +12,56 @@ import json
 import operator
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import tqdm
+from omegaconf import DictConfig, OmegaConf
 
 import chat_templates
-import preference_datasets
+import console
+import dataset_loading
 import token_cache
 from errors import DatasetError
 from logprobs import IGNORE_INDEX
+from preference_entry import PreferenceEntry, Prompt
 from token_cache import PER_EXAMPLE, POINTS_INTO
 
 TOKENIZE_CHUNK = 1024  # texts per batched tokenizer call
+
+
+@dataclass(frozen=True)
+class TokenizeSettings:
+    """Everything besides the dataset names, the split and the tokenizer that decides the tokenized examples."""
+
+    max_length: int  # tokens of prompt + response; longer examples are truncated (_truncated)
+    max_prompt_length: int  # tokens a prompt keeps when prompt + response exceeds max_length
+    sft_mode: bool  # one example per prompt (its sft_target), not one per pair
+    every_assistant_turn: bool = False  # SFT also trains the assistant turns inside conversational prompts
+    dataset_paths: Mapping[str, str | None] = field(default_factory=dict)  # dataset name -> local copy
+    dataset_options: Mapping[str, Mapping] = field(default_factory=dict)  # dataset name -> its loader's options
+    datasets_cache_dir: str | None = None  # where `datasets` keeps Hub downloads; None: its default
+    tokenized_cache_dir: str | None = None  # where each dataset's tokens are cached (token_cache.py); None: nowhere
+
+    @classmethod
+    def from_config(cls, config: DictConfig, sft_mode: bool) -> "TokenizeSettings":
+        """The settings of a run's config (train.py); sft_mode comes from its loss."""
+        cache_dir = config.cache_dir
+        return cls(
+            max_length=config.max_length,
+            max_prompt_length=config.max_prompt_length,
+            sft_mode=sft_mode,
+            every_assistant_turn=config.sft_every_assistant_turn,
+            dataset_paths=_plain(config.dataset_paths),
+            dataset_options=_plain(config.dataset_options),
+            tokenized_cache_dir=None if cache_dir is None else str(Path(cache_dir) / "tokenized"),
+        )
+
+
+def _plain(node) -> dict:
+    """A config node (DictConfig) as plain Python dicts."""
+    return OmegaConf.to_container(node) if OmegaConf.is_config(node) else dict(node or {})
 
 
 @dataclass(frozen=True)
@@ -202,7 +238,7 @@ def _has_pairs(arrays: Mapping[str, np.ndarray]) -> bool:
     return "example_rejected" in arrays or "rejected_spans" in arrays
 
 
-def _tokenize_texts(tokenizer, texts: list[str], description: str, silent: bool) -> tuple[np.ndarray, np.ndarray]:
+def _tokenize_texts(tokenizer, texts: list[str], description: str) -> tuple[np.ndarray, np.ndarray]:
     """Token ids (no special tokens) of each text, in batched calls.
 
     Returns flat int32 ids (total,) and int64 offsets (len(texts) + 1,).
@@ -210,7 +246,8 @@ def _tokenize_texts(tokenizer, texts: list[str], description: str, silent: bool)
     lengths = np.zeros(len(texts), dtype=np.int64)
     pieces = [np.zeros(0, dtype=np.int32)]
     starts = range(0, len(texts), TOKENIZE_CHUNK)
-    for start in tqdm.tqdm(starts, desc=description, unit="chunk", disable=silent or len(starts) < 2):
+    quiet = len(starts) < 2 or not console.is_main_process()
+    for start in tqdm.tqdm(starts, desc=description, unit="chunk", disable=quiet):
         chunk = texts[start : start + TOKENIZE_CHUNK]
         token_ids = tokenizer(
             chunk, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False
@@ -254,7 +291,16 @@ def _identical_pairs(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     return identical
 
 
-def _number_examples(data: dict[str, dict], sft_mode: bool) -> tuple[list[str], dict[str, np.ndarray]]:
+def _compared_responses(entry: PreferenceEntry) -> list[tuple[int, int]]:
+    """The (chosen, rejected) response indices of an entry's examples: its pairs, then its ties (one index twice).
+
+    A tie makes an example whose two sides are the same, so that it is dropped and counted with the
+    pairs that truncation makes identical (_without_identical_pairs).
+    """
+    return list(entry.pairs) + [(index, index) for index in entry.tied]
+
+
+def _number_examples(data: dict[str, PreferenceEntry], sft_mode: bool) -> tuple[list[str], dict[str, np.ndarray]]:
     """The distinct responses, and per example (a pair, or a prompt for SFT) the number of its prompt and responses.
 
     Returns (responses, {"example_prompt": (n,), "example_chosen": (n,), "example_rejected": (n,)}), without
@@ -264,14 +310,15 @@ def _number_examples(data: dict[str, dict], sft_mode: bool) -> tuple[list[str], 
     example_prompt, chosen, rejected = [], [], []
     for prompt_number, entry in enumerate(data.values()):
         if sft_mode:
-            chosen.append(response_number.setdefault(entry["sft_target"], len(response_number)))
+            chosen.append(response_number.setdefault(entry.sft_target, len(response_number)))
             example_prompt.append(prompt_number)
             continue
-        numbers = [response_number.setdefault(response, len(response_number)) for response in entry["responses"]]
-        for preferred, dispreferred in entry["pairs"]:
+        numbers = [response_number.setdefault(response, len(response_number)) for response in entry.responses]
+        compared = _compared_responses(entry)
+        for preferred, dispreferred in compared:
             chosen.append(numbers[preferred])
             rejected.append(numbers[dispreferred])
-        example_prompt += [prompt_number] * len(entry["pairs"])
+        example_prompt += [prompt_number] * len(compared)
     numbers = {"example_prompt": example_prompt, "example_chosen": chosen}
     if not sft_mode:
         numbers["example_rejected"] = rejected
@@ -284,19 +331,19 @@ def _spans(offsets: np.ndarray) -> np.ndarray:
 
 
 def _tokenize_data(
-    data: dict,
+    data: dict[Prompt, PreferenceEntry],
     sft_mode: bool,
     tokenizer,
     special: _SpecialTokens,
     description: str = "tokenizing",
-    silent: bool = True,
     every_assistant_turn: bool = False,
 ) -> dict[str, np.ndarray]:
     """What the cache holds for a dataset: each distinct text tokenized once, untruncated, and each example's texts.
 
     Arrays: bos (-1 for none); prompt_text (UTF-8) and prompt_text_spans; prompt_tokens (without
     BOS), prompt_token_spans and prompt_trained (1 on the prompt tokens SFT trains); prompt_messages
-    (UTF-8 JSON) and prompt_messages_spans (empty for text prompts); response_tokens (each response
+    (UTF-8 JSON) and prompt_messages_spans (empty for text prompts); prompt_has_pairs (1 when the
+    prompt's entry has a pair or a tie, 0 when it has only an SFT target); response_tokens (each response
     + EOS, or up to its end-of-turn token) and response_token_spans; example_prompt, example_chosen
     and (not for SFT) example_rejected. Text prompts come first, then conversational ones
     (_tokenize_conversations). Truncation is applied when loading (_truncated), so the cache serves
@@ -306,74 +353,81 @@ def _tokenize_data(
     conversations = {prompt: entry for prompt, entry in data.items() if not isinstance(prompt, str)}
     parts = []
     if texts or not conversations:
-        parts.append(_tokenize_text_data(texts, sft_mode, tokenizer, special, description, silent))
+        parts.append(_tokenize_text_data(texts, sft_mode, tokenizer, special, description))
     if conversations:
         parts.append(
-            _tokenize_conversations(
-                conversations, sft_mode, tokenizer, special, every_assistant_turn, description, silent
-            )
+            _tokenize_conversations(conversations, sft_mode, tokenizer, special, every_assistant_turn, description)
         )
     return _concatenate_arrays(parts)
 
 
 def _tokenize_text_data(
-    data: dict[str, dict], sft_mode: bool, tokenizer, special: _SpecialTokens, description: str, silent: bool
+    data: dict[str, PreferenceEntry], sft_mode: bool, tokenizer, special: _SpecialTokens, description: str
 ) -> dict[str, np.ndarray]:
     """_tokenize_data for text prompts: prompts and responses tokenized apart, EOS after each response."""
     responses, numbers = _number_examples(data, sft_mode)
-    prompt_tokens, prompt_offsets = _tokenize_texts(tokenizer, list(data), f"{description} prompts", silent)
-    response_tokens, response_offsets = _tokenize_texts(tokenizer, responses, f"{description} responses", silent)
+    prompt_tokens, prompt_offsets = _tokenize_texts(tokenizer, list(data), f"{description} prompts")
+    response_tokens, response_offsets = _tokenize_texts(tokenizer, responses, f"{description} responses")
     response_tokens, response_offsets = _with_eos(response_tokens, response_offsets, special.eos)
-    return _stored_arrays(
-        special,
-        list(data),
-        [np.zeros(0, dtype=np.uint8)] * len(data),
-        prompt_tokens,
-        prompt_offsets,
-        np.zeros(len(prompt_tokens), dtype=np.uint8),
-        response_tokens,
-        response_offsets,
-        numbers,
-    )
+    return _TokenizedTexts(
+        prompt_texts=list(data),
+        prompt_messages=[b""] * len(data),
+        prompt_has_pairs=[_has_pairs_to_compare(entry) for entry in data.values()],
+        prompt_tokens=prompt_tokens,
+        prompt_offsets=prompt_offsets,
+        prompt_trained=np.zeros(len(prompt_tokens), dtype=np.uint8),
+        response_tokens=response_tokens,
+        response_offsets=response_offsets,
+        examples=numbers,
+    ).stored_arrays(special)
 
 
-def _stored_arrays(
-    special: _SpecialTokens,
-    prompt_texts: list[str],
-    prompt_messages: list[bytes],
-    prompt_tokens: np.ndarray,
-    prompt_offsets: np.ndarray,
-    prompt_trained: np.ndarray,
-    response_tokens: np.ndarray,
-    response_offsets: np.ndarray,
-    numbers: dict[str, np.ndarray],
-) -> dict[str, np.ndarray]:
-    """The arrays of _tokenize_data from flat token arrays and (n + 1,) offsets into them."""
-
-    def packed(items: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-        offsets = np.concatenate([[0], np.cumsum([len(item) for item in items], dtype=np.int64)])
-        return np.frombuffer(b"".join(items), dtype=np.uint8), _spans(offsets)
-
-    prompt_text, prompt_text_spans = packed([text.encode() for text in prompt_texts])
-    messages, messages_spans = packed(prompt_messages)
-    return {
-        "bos": np.array(-1 if special.bos is None else special.bos, dtype=np.int64),
-        "prompt_text": prompt_text,
-        "prompt_text_spans": prompt_text_spans,
-        "prompt_tokens": prompt_tokens,
-        "prompt_token_spans": _spans(prompt_offsets),
-        "prompt_trained": prompt_trained,
-        "prompt_messages": messages,
-        "prompt_messages_spans": messages_spans,
-        "response_tokens": response_tokens,
-        "response_token_spans": _spans(response_offsets),
-        **numbers,
-    }
+def _has_pairs_to_compare(entry: PreferenceEntry) -> bool:
+    return bool(entry.pairs or entry.tied)
 
 
-def _token_lists(tokenizer, texts: list[str | None], description: str, silent: bool) -> list[np.ndarray | None]:
+@dataclass(frozen=True)
+class _TokenizedTexts:
+    """One dataset's texts as flat token arrays with (n + 1,) offsets into them: what _tokenize_data stores."""
+
+    prompt_texts: list[str]  # what TokenizedExamples shows as each prompt (a conversation's rendered template)
+    prompt_messages: list[bytes]  # UTF-8 JSON of each conversational prompt's messages, b"" for text prompts
+    prompt_has_pairs: list[bool]  # per prompt: its entry has a pair or a tie (else only an SFT target)
+    prompt_tokens: np.ndarray  # (total,) int32, each prompt's tokens without BOS
+    prompt_offsets: np.ndarray  # (n_prompts + 1,) int64
+    prompt_trained: np.ndarray  # (total,) uint8, aligned with prompt_tokens: 1 where SFT trains a prompt token
+    response_tokens: np.ndarray  # (total,) int32, each distinct response's tokens, EOS or end-of-turn last
+    response_offsets: np.ndarray  # (n_responses + 1,) int64
+    examples: dict[str, np.ndarray]  # example_prompt, example_chosen and (not for SFT) example_rejected
+
+    def stored_arrays(self, special: _SpecialTokens) -> dict[str, np.ndarray]:
+        """The arrays of _tokenize_data (and of a cache entry)."""
+
+        def packed(items: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+            offsets = np.concatenate([[0], np.cumsum([len(item) for item in items], dtype=np.int64)])
+            return np.frombuffer(b"".join(items), dtype=np.uint8), _spans(offsets)
+
+        prompt_text, prompt_text_spans = packed([text.encode() for text in self.prompt_texts])
+        messages, messages_spans = packed(self.prompt_messages)
+        return {
+            "bos": np.array(-1 if special.bos is None else special.bos, dtype=np.int64),
+            "prompt_text": prompt_text,
+            "prompt_text_spans": prompt_text_spans,
+            "prompt_tokens": self.prompt_tokens,
+            "prompt_token_spans": _spans(self.prompt_offsets),
+            "prompt_trained": self.prompt_trained,
+            "prompt_messages": messages,
+            "prompt_messages_spans": messages_spans,
+            "prompt_has_pairs": np.array(self.prompt_has_pairs, dtype=np.uint8),
+            "response_tokens": self.response_tokens,
+            "response_token_spans": _spans(self.response_offsets),
+            **self.examples,
+        }
+
+
+def _token_lists(tokenizer, texts: list[str | None], description: str) -> list[np.ndarray | None]:
     """Token ids (no special tokens added; those written in the text are kept) of each text; None stays None."""
-    tokens, offsets = _tokenize_texts(tokenizer, [text or "" for text in texts], description, silent)
+    tokens, offsets = _tokenize_texts(tokenizer, [text or "" for text in texts], description)
     return [None if text is None else tokens[offsets[i] : offsets[i + 1]] for i, text in enumerate(texts)]
 
 
@@ -395,13 +449,12 @@ def _answer_tokens(
 
 
 def _tokenize_conversations(
-    data: dict[tuple, dict],
+    data: dict[tuple, PreferenceEntry],
     sft_mode: bool,
     tokenizer,
     special: _SpecialTokens,
     every_assistant_turn: bool,
     description: str,
-    silent: bool,
 ) -> dict[str, np.ndarray]:
     """_tokenize_data for conversational prompts, rendered with the chat template (chat_templates.py).
 
@@ -412,18 +465,16 @@ def _tokenize_conversations(
     their number and one of them reported.
     """
     prompts = [chat_templates.as_dicts(prompt) for prompt in data]
-    wanted = [[entry["sft_target"]] if sft_mode else entry["responses"] for entry in data.values()]
+    wanted = [[entry.sft_target] if sft_mode else entry.responses for entry in data.values()]
     combinations = [(number, response) for number, responses in enumerate(wanted) for response in responses]
     whole = [prompts[number] + [{"role": "assistant", "content": response}] for number, response in combinations]
     prompt_texts = chat_templates.render(tokenizer, prompts, True)
-    prompt_ids = _token_lists(tokenizer, prompt_texts, f"{description} prompts", silent)
-    whole_ids = _token_lists(
-        tokenizer, chat_templates.render(tokenizer, whole, False), f"{description} conversations", silent
-    )
+    prompt_ids = _token_lists(tokenizer, prompt_texts, f"{description} prompts")
+    whole_ids = _token_lists(tokenizer, chat_templates.render(tokenizer, whole, False), f"{description} conversations")
     end_of_turn = chat_templates.end_of_turn_id(tokenizer)
     trained = [None if ids is None else np.zeros(len(ids), dtype=np.uint8) for ids in prompt_ids]
     if sft_mode and every_assistant_turn:
-        trained = _trained_assistant_turns(tokenizer, prompts, prompt_ids, end_of_turn, description, silent)
+        trained = _trained_assistant_turns(tokenizer, prompts, prompt_ids, end_of_turn, description)
     answers = {}
     for (number, response), ids in zip(combinations, whole_ids):
         aligned = trained[number] is not None and ids is not None
@@ -431,13 +482,12 @@ def _tokenize_conversations(
             _answer_tokens(prompt_ids[number], ids, end_of_turn, special.eos) if aligned else None
         )
     misaligned = [(prompts[number], response) for (number, response), tokens in answers.items() if tokens is None]
-    if misaligned and not silent:
+    if misaligned:
         prompt, response = misaligned[0]
-        print(
+        console.say(
             f"{description}: left out {len(misaligned)} of {len(answers)} prompt-response combinations whose chat "
             "template does not extend the prompt's tokens with the answer (it re-renders earlier turns, refuses "
-            f"the roles, or ends the answer without an end-of-turn token), e.g. {prompt!r} -> {response!r}",
-            flush=True,
+            f"the roles, or ends the answer without an end-of-turn token), e.g. {prompt!r} -> {response!r}"
         )
     numbers, response_tokens, response_offsets = _number_conversation_examples(data, sft_mode, answers)
     stored_ids, stored_trained = [], []
@@ -449,21 +499,21 @@ def _tokenize_conversations(
         stored_ids.append(ids)
         stored_trained.append(mask)
     prompt_offsets = np.concatenate([[0], np.cumsum([len(ids) for ids in stored_ids], dtype=np.int64)])
-    return _stored_arrays(
-        special,
-        [text or "" for text in prompt_texts],
-        [json.dumps(prompt).encode() for prompt in prompts],
-        np.concatenate(stored_ids).astype(np.int32),
-        prompt_offsets,
-        np.concatenate(stored_trained).astype(np.uint8),
-        response_tokens,
-        response_offsets,
-        numbers,
-    )
+    return _TokenizedTexts(
+        prompt_texts=[text or "" for text in prompt_texts],
+        prompt_messages=[json.dumps(prompt).encode() for prompt in prompts],
+        prompt_has_pairs=[_has_pairs_to_compare(entry) for entry in data.values()],
+        prompt_tokens=np.concatenate(stored_ids).astype(np.int32),
+        prompt_offsets=prompt_offsets,
+        prompt_trained=np.concatenate(stored_trained).astype(np.uint8),
+        response_tokens=response_tokens,
+        response_offsets=response_offsets,
+        examples=numbers,
+    ).stored_arrays(special)
 
 
 def _trained_assistant_turns(
-    tokenizer, prompts: list[list[dict]], prompt_ids: list, end_of_turn: int | None, description: str, silent: bool
+    tokenizer, prompts: list[list[dict]], prompt_ids: list, end_of_turn: int | None, description: str
 ) -> list[np.ndarray | None]:
     """Per prompt, 1 on the tokens of its assistant turns (content and end-of-turn): what SFT on every turn trains.
 
@@ -478,8 +528,8 @@ def _trained_assistant_turns(
     ]
     befores = chat_templates.render(tokenizer, [prompts[number][:turn] for number, turn in jobs], True)
     throughs = chat_templates.render(tokenizer, [prompts[number][: turn + 1] for number, turn in jobs], False)
-    befores = _token_lists(tokenizer, befores, f"{description} earlier turns", silent)
-    throughs = _token_lists(tokenizer, throughs, f"{description} earlier turns", silent)
+    befores = _token_lists(tokenizer, befores, f"{description} earlier turns")
+    throughs = _token_lists(tokenizer, throughs, f"{description} earlier turns")
     masks = [None if ids is None else np.zeros(len(ids), dtype=np.uint8) for ids in prompt_ids]
     for (number, _), before, through in zip(jobs, befores, throughs):
         if masks[number] is None:
@@ -494,7 +544,7 @@ def _trained_assistant_turns(
 
 
 def _number_conversation_examples(
-    data: dict[tuple, dict], sft_mode: bool, answers: Mapping[tuple[int, str], np.ndarray | None]
+    data: dict[tuple, PreferenceEntry], sft_mode: bool, answers: Mapping[tuple[int, str], np.ndarray | None]
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Per example its prompt's and responses' numbers, and the distinct response tokens (flat, and (n + 1,) offsets).
 
@@ -513,8 +563,9 @@ def _number_conversation_examples(
 
     example_prompt, chosen, rejected = [], [], []
     for prompt_number, entry in enumerate(data.values()):
-        responses = entry["responses"]
-        sides = [(entry["sft_target"],)] if sft_mode else [(responses[a], responses[b]) for a, b in entry["pairs"]]
+        responses = entry.responses
+        compared = [] if sft_mode else _compared_responses(entry)
+        sides = [(entry.sft_target,)] if sft_mode else [(responses[a], responses[b]) for a, b in compared]
         for texts in sides:
             tokens = [answers[prompt_number, text] for text in texts]
             if any(side is None for side in tokens):
@@ -623,7 +674,7 @@ def tokenize_element(
     """
     _check_lengths(max_length, max_prompt_length)
     responses = [chosen] if rejected is None else [chosen, rejected]
-    data = {prompt: {"responses": responses, "pairs": [(0, 1)] if rejected is not None else [], "sft_target": chosen}}
+    data = {prompt: PreferenceEntry(responses, [(0, 1)] if rejected is not None else [], chosen)}
     tokenized = _tokenize_data(data, rejected is None, tokenizer, _special_tokens(tokenizer))
     element = TokenizedExamples(
         _truncated(tokenized, truncation_mode, max_length, max_prompt_length), base_fingerprint=""
@@ -633,129 +684,134 @@ def tokenize_element(
 
 
 def tokenize_datasets(
-    names: list[str],
-    split: str,
-    tokenizer,
-    max_length: int,
-    max_prompt_length: int,
-    sft_mode: bool,
-    cache_dir: str | None = None,
-    dataset_paths: Mapping[str, str] | None = None,
-    silent: bool = False,
-    tokenized_cache_dir: str | None = None,
-    dataset_options: Mapping[str, Mapping] | None = None,
-    every_assistant_turn: bool = False,
+    names: list[str], split: str, tokenizer, settings: TokenizeSettings
 ) -> tuple[TokenizedExamples, int]:
     """Tokenized examples of all the datasets, in dataset then prompt order, and the number dropped.
 
     SFT: one example per prompt (its sft_target, no rejected). Otherwise one per pair; pairs
-    whose chosen and rejected token ids are identical after truncation are dropped and counted.
-    Conversational prompts are rendered with tokenizer.chat_template (chat_templates.py); those
-    that truncation would cut are dropped and counted too. every_assistant_turn: SFT trains on
-    every assistant turn of a conversation, not only the last. dataset_options: each loader's
-    keyword arguments (preference_datasets.get_dataset).
+    whose chosen and rejected token ids are identical after truncation (or the same text in the
+    data: an entry's ties) are dropped and counted. Conversational prompts are rendered with
+    tokenizer.chat_template (chat_templates.py); those that truncation would cut are dropped and
+    counted too. settings.every_assistant_turn: SFT trains on every assistant turn of a
+    conversation, not only the last. settings.dataset_options: each loader's options
+    (dataset_loading.get_dataset).
 
-    With tokenized_cache_dir, each dataset's tokens (untruncated) are stored there as one .npz,
-    keyed by a hash of: the dataset and its source (a file's or a local copy's sizes and mtimes,
-    or the Hub id), the split, sft_mode, the tokenizer and its chat template, the dataset's options,
-    every_assistant_turn, and the code (token_cache.CODE_MODULES). A later call with the same key
-    loads them without reading the raw data, for any max_length. The examples' fingerprint hashes
-    these keys and the length settings.
+    With settings.tokenized_cache_dir, each dataset's tokens (untruncated) are stored there as one
+    .npz, keyed by a hash of: the dataset and its source (a file's or a local copy's sizes and
+    mtimes, or the Hub id), the split, sft_mode, the tokenizer and its chat template, the dataset's
+    options, every_assistant_turn, and the code (token_cache.CODE_MODULES). A later call with the
+    same key loads them without reading the raw data, for any max_length. The examples'
+    fingerprint hashes these keys and the length settings.
     """
     if not names:
         raise DatasetError("No datasets given: name at least one, e.g. datasets=[hh].")
-    _check_lengths(max_length, max_prompt_length)
+    _check_lengths(settings.max_length, settings.max_prompt_length)
     special = _special_tokens(tokenizer)
     tokenizer_identity = token_cache.tokenizer_identity(tokenizer, special)
     keys, parts, n_dropped = [], [], 0
     for name in names:
-        options = (dataset_options or {}).get(name)
-        settings = {"dataset_options": options, "every_assistant_turn": every_assistant_turn and sft_mode}
-        key = token_cache.cache_key(name, split, sft_mode, tokenizer_identity, dataset_paths, settings)
-        label = f"tokenized {name} {split}"
-        path = (
-            None
-            if tokenized_cache_dir is None
-            else token_cache.cache_path(tokenized_cache_dir, name, split, sft_mode, key)
+        key = token_cache.cache_key(
+            name, split, settings.sft_mode, tokenizer_identity, settings.dataset_paths, _cache_settings(name, settings)
         )
+        label = f"tokenized {name} {split}"
+        path = None
+        if settings.tokenized_cache_dir is not None:
+            path = token_cache.cache_path(settings.tokenized_cache_dir, name, split, settings.sft_mode, key)
 
         def tokenize(name: str = name) -> dict[str, np.ndarray]:
-            return _tokenize_dataset(
-                name, split, sft_mode, tokenizer, special, cache_dir, dataset_paths, dataset_options,
-                every_assistant_turn, silent,
-            )  # fmt: skip
+            return _tokenize_dataset(name, split, tokenizer, special, settings)
 
-        tokenized = _cached_or_tokenized(path, key, label, silent, tokenize)
-        part, n_dropped_here = _trained_examples(tokenized, name, max_length, max_prompt_length, label, silent)
+        tokenized = _cached_or_tokenized(path, key, label, tokenize)
+        part, n_dropped_here = _trained_examples(tokenized, name, settings, label)
         parts.append(part)
         n_dropped += n_dropped_here
         keys.append(key)
-    settings = f"max_length={max_length} max_prompt_length={max_prompt_length}"
-    fingerprint = hashlib.sha256("\n".join(keys + [settings]).encode()).hexdigest()
+    lengths = f"max_length={settings.max_length} max_prompt_length={settings.max_prompt_length}"
+    fingerprint = hashlib.sha256("\n".join(keys + [lengths]).encode()).hexdigest()
     return TokenizedExamples.concatenate(parts, fingerprint), n_dropped
 
 
+def _cache_settings(name: str, settings: TokenizeSettings) -> dict:
+    """The settings besides the data, split, mode and tokenizer that one dataset's cached tokens depend on."""
+    return {
+        "dataset_options": settings.dataset_options.get(name),
+        "every_assistant_turn": settings.every_assistant_turn and settings.sft_mode,
+    }
+
+
 def _cached_or_tokenized(
-    path: Path | None, key: str, label: str, silent: bool, tokenize: Callable[[], dict[str, np.ndarray]]
+    path: Path | None, key: str, label: str, tokenize: Callable[[], dict[str, np.ndarray]]
 ) -> dict[str, np.ndarray]:
     """A dataset's untruncated tokens: the cache entry at path when it is good, else tokenize() (then cached)."""
-    tokenized = None if path is None else token_cache.read_cache_entry(path, key, label, silent)
+    tokenized = None if path is None else token_cache.read_cache_entry(path, key, label)
     if tokenized is not None:
         return tokenized
     tokenized = tokenize()
     if path is not None:
         try:
             token_cache.write_cache_entry(path, tokenized, key)
-            if not silent:
-                print(f"{label}: cached at {path}", flush=True)
+            console.say(f"{label}: cached at {path}")
         except OSError as error:  # the examples are still good; only later runs lose time
-            if not silent:
-                print(f"{label}: could not cache the tokens at {path} ({error}), so the next run tokenizes again.")
+            console.say(f"{label}: could not cache the tokens at {path} ({error}), so the next run tokenizes again.")
     return tokenized
 
 
 def _trained_examples(
-    tokenized: dict[str, np.ndarray], name: str, max_length: int, max_prompt_length: int, label: str, silent: bool
+    tokenized: dict[str, np.ndarray], name: str, settings: TokenizeSettings, label: str
 ) -> tuple[dict[str, np.ndarray], int]:
     """The storage of a dataset's examples after truncation, and how many examples were dropped.
 
     Dropped: conversational examples whose prompt truncation would cut (inside the template's
-    turns), and pairs whose chosen and rejected tokens end up identical.
+    turns), and pairs whose chosen and rejected tokens end up identical (ties in the data among them).
     """
-    truncated = _truncated(tokenized, preference_datasets.truncation_mode_for(name), max_length, max_prompt_length)
+    _note_unpaired_prompts(tokenized, label)
+    truncation_mode = dataset_loading.truncation_mode_for(name)
+    truncated = _truncated(tokenized, truncation_mode, settings.max_length, settings.max_prompt_length)
     truncated, n_cut = _without_cut_conversations(truncated)
-    if n_cut and not silent:
-        print(
+    if n_cut:
+        console.say(
             f"{label}: dropped {n_cut} conversational examples whose prompt is longer than max_prompt_length="
-            f"{max_prompt_length} (cutting it would cut the chat template's turns); raise max_prompt_length "
-            "and max_length to keep them.",
-            flush=True,
+            f"{settings.max_prompt_length} (cutting it would cut the chat template's turns); raise max_prompt_length "
+            "and max_length to keep them."
         )
     part, n_identical = _without_identical_pairs(truncated)
     return part, n_identical + n_cut
 
 
+def _note_unpaired_prompts(tokenized: Mapping[str, np.ndarray], label: str) -> None:
+    """For preference data, say how many pairs are ties (dropped) and how many prompts have only an SFT target."""
+    if "example_rejected" not in tokenized:
+        return
+    n_ties = int((tokenized["example_chosen"] == tokenized["example_rejected"]).sum())
+    if n_ties:
+        console.say(
+            f"{label}: {n_ties} pairs have the same response as chosen and as rejected; they teach nothing, "
+            "so they are dropped (counted with the dropped pairs)."
+        )
+    n_unpaired = int((tokenized["prompt_has_pairs"] == 0).sum())
+    if n_unpaired:
+        console.say(
+            f"{label}: {n_unpaired} of {len(tokenized['prompt_has_pairs'])} prompts have no preference pair, only an "
+            "SFT target (`messages` rows): those rows are SFT-only, so a preference loss leaves them out; train "
+            "them with loss=sft, or give them chosen and rejected responses."
+        )
+
+
 def _tokenize_dataset(
-    name: str,
-    split: str,
-    sft_mode: bool,
-    tokenizer,
-    special: _SpecialTokens,
-    cache_dir: str | None,
-    dataset_paths: Mapping[str, str] | None,
-    dataset_options: Mapping[str, Mapping] | None,
-    every_assistant_turn: bool,
-    silent: bool,
+    name: str, split: str, tokenizer, special: _SpecialTokens, settings: TokenizeSettings
 ) -> dict[str, np.ndarray]:
     """Load, parse and tokenize one dataset (see _tokenize_data), saying how long it took."""
     start = time.perf_counter()
-    data = preference_datasets.get_dataset(
-        name, split, silent=silent, cache_dir=cache_dir, dataset_paths=dataset_paths, sft_mode=sft_mode,
-        dataset_options=dataset_options,
-    )  # fmt: skip
+    data = dataset_loading.get_dataset(
+        name,
+        split,
+        cache_dir=settings.datasets_cache_dir,
+        dataset_paths=settings.dataset_paths,
+        sft_mode=settings.sft_mode,
+        dataset_options=settings.dataset_options,
+    )
     description = f"tokenizing {name} {split}"
-    tokenized = _tokenize_data(data, sft_mode, tokenizer, special, description, silent, every_assistant_turn)
-    if not silent:
-        seconds = time.perf_counter() - start
-        print(f"tokenized {name} {split}: {len(tokenized['example_prompt'])} examples in {seconds:.1f} s", flush=True)
+    tokenized = _tokenize_data(data, settings.sft_mode, tokenizer, special, description, settings.every_assistant_turn)
+    seconds = time.perf_counter() - start
+    console.say(f"tokenized {name} {split}: {len(tokenized['example_prompt'])} examples in {seconds:.1f} s")
     return tokenized

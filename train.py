@@ -19,21 +19,24 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel
 
 import checkpoints
+import console
 import lora
 import stopping
 from chat_templates import set_chat_template
 from config_checks import validate_config
+from dataset_loading import register_config_schema
 from errors import USER_ERRORS, ConfigError, DatasetError
 from loss_registry import LossSpec
 from models import block_class_name, load_model, load_tokenizer
 from reference import AdapterOff, CachedReference, NoReference, PrecomputeReference, Reference, ReferenceModel
 from reference_logps import ReferencePlan
 from run_log import check_run_dir_shared, make_run_dir, save_config
-from tokenization import TokenizedExamples, tokenize_datasets
+from tokenization import TokenizedExamples, TokenizeSettings, tokenize_datasets
 from trainers import TRAINERS, BasicTrainer
 from utils import free_port, raise_open_files_limit, resolve_device, seed_everything
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
+register_config_schema()  # before any config is composed: dataset_paths/dataset_options take any dataset's name
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -45,7 +48,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 
 def load_examples(
-    config: DictConfig, loss: LossSpec, tokenizer, is_main: bool, data_parallel: int = 1
+    config: DictConfig, loss: LossSpec, tokenizer, data_parallel: int = 1
 ) -> tuple[TokenizedExamples, TokenizedExamples]:
     """Tokenized train and eval examples.
 
@@ -54,24 +57,17 @@ def load_examples(
     reference log-probs cache among it) sees this one eval set.
     """
     splits = {}
+    settings = TokenizeSettings.from_config(config, sft_mode=not loss.is_preference)
     for split in ("train", "test"):
-        examples, n_dropped = tokenize_datasets(
-            list(config.datasets),
-            split,
-            tokenizer,
-            max_length=config.max_length,
-            max_prompt_length=config.max_prompt_length,
-            sft_mode=not loss.is_preference,
-            dataset_paths=config.dataset_paths,
-            silent=not is_main,
-            tokenized_cache_dir=None if config.cache_dir is None else str(Path(config.cache_dir) / "tokenized"),
-            dataset_options=OmegaConf.to_container(config.dataset_options),
-            every_assistant_turn=config.sft_every_assistant_turn,
-        )
-        if is_main:
-            print(f"{split}: {len(examples)} examples; dropped {n_dropped} pairs with nothing to train on", flush=True)
+        examples, n_dropped = tokenize_datasets(list(config.datasets), split, tokenizer, settings)
+        console.say(f"{split}: {len(examples)} examples; dropped {n_dropped} pairs with nothing to train on")
         if not len(examples):
-            raise DatasetError(f"The {split} split of datasets={list(config.datasets)} holds no usable examples.")
+            why = (
+                f": all {n_dropped} were dropped (their chosen and rejected responses are the same, or cut to the same)"
+                if n_dropped
+                else " (the notes above say what was left out)"
+            )
+            raise DatasetError(f"The {split} split of datasets={list(config.datasets)} holds no usable examples{why}.")
         splits[split] = examples
     order = list(range(len(splits["test"])))
     random.Random(0).shuffle(order)  # fixed, so every run evaluates on the same subset
@@ -116,9 +112,7 @@ def load_reference_model(config: DictConfig, tokenizer) -> PreTrainedModel:
     return load_model(model, model.reference_dtype, tokenizer, config.max_length, config.seed)
 
 
-def choose_reference(
-    config: DictConfig, loss: LossSpec, tokenizer, train_examples, eval_examples, is_main: bool
-) -> Reference:
+def choose_reference(config: DictConfig, loss: LossSpec, tokenizer, train_examples, eval_examples) -> Reference:
     """The one decision about the reference (reference.py), made before any reference weights load.
 
     None for reference-free losses. Otherwise the model that computes as the reference: the LoRA
@@ -132,8 +126,8 @@ def choose_reference(
     if config.precompute_ref_logps:
         param_dtype_key = TRAINERS[config.trainer].param_dtype_key  # e.g. FSDP's mixed precision
         param_dtype = None if param_dtype_key is None else OmegaConf.select(config, param_dtype_key)
-        plan = ReferencePlan.for_run(config, train_examples, eval_examples, param_dtype, announce=is_main)
-        tables = plan.load_cached(announce=is_main)
+        plan = ReferencePlan.for_run(config, train_examples, eval_examples, param_dtype)
+        tables = plan.load_cached()
         if tables is not None:
             return CachedReference(tables)
     scorer = AdapterOff() if config.lora.enabled else ReferenceModel(load_reference_model(config, tokenizer))
@@ -144,23 +138,20 @@ def build_trainer(
     config: DictConfig, run_dir: Path | None, device: torch.device, rank: int, world_size: int
 ) -> BasicTrainer:
     """Load data and models as the run needs them and build its trainer (nothing is trained yet)."""
-    is_main = rank == 0
     loss = LossSpec.from_config(config.loss)
     trainer_class = TRAINERS[config.trainer]
     tokenizer = load_tokenizer(config.model)
     set_chat_template(tokenizer, config.chat_template)  # conversational data and sampling both use it
     data_parallel = trainer_class.data_parallel_size(world_size)
-    train_examples, eval_examples = load_examples(config, loss, tokenizer, is_main, data_parallel)
+    train_examples, eval_examples = load_examples(config, loss, tokenizer, data_parallel)
     policy = load_policy(config, loss, tokenizer)
-    reference = choose_reference(config, loss, tokenizer, train_examples, eval_examples, is_main)
-    if is_main:
-        n_params = sum(p.numel() for p in policy.parameters())
-        n_trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-        print(
-            f"policy: {type(policy).__name__}, {n_params / 1e6:.1f}M parameters ({n_trainable / 1e6:.2f}M trained); "
-            f"reference model: {reference.description}",
-            flush=True,
-        )
+    reference = choose_reference(config, loss, tokenizer, train_examples, eval_examples)
+    n_params = sum(p.numel() for p in policy.parameters())
+    n_trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    console.say(
+        f"policy: {type(policy).__name__}, {n_params / 1e6:.1f}M parameters ({n_trainable / 1e6:.2f}M trained); "
+        f"reference model: {reference.description}"
+    )
     return trainer_class(
         config, loss, policy, reference, tokenizer, train_examples, eval_examples, run_dir, device, rank, world_size
     )
@@ -179,6 +170,7 @@ def train_worker(rank: int, world_size: int, config: DictConfig, run_dir: Path |
         run_dir = shared[0]
     else:
         local_rank = 0
+    console.set_main_process(rank == 0)
     device = resolve_device(config.device, local_rank)
     if device.type == "cpu" and world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
         # processes sharing this machine's cores would otherwise each start one thread per core

@@ -406,7 +406,7 @@ def run_ours(config, tokenizer, train_examples, eval_examples, args: argparse.Na
 
     loss = LossSpec.from_config(config.loss)
     policy = load_policy(config, loss, tokenizer)
-    reference = choose_reference(config, loss, tokenizer, train_examples, eval_examples, is_main=False)
+    reference = choose_reference(config, loss, tokenizer, train_examples, eval_examples)
     setup_start = time.perf_counter()
     trainer = trainers.BasicTrainer(
         config,
@@ -667,7 +667,9 @@ def run_row_in(run_dir: str, row_name: str, args: argparse.Namespace) -> dict:
     """Write the data to run_dir, compose the config, load the examples and time the row."""
     from hydra.errors import ConfigCompositionException
 
+    import console
     from config_checks import validate_config
+    from loss_registry import LossSpec
     from train import compose_config, load_examples
 
     scenario, row = SCENARIOS[args.scenario], ROWS[row_name]
@@ -682,7 +684,8 @@ def run_row_in(run_dir: str, row_name: str, args: argparse.Namespace) -> dict:
     tokenizer = scenario_tokenizer(scenario, config)
     pairs_by_prompt = write_pairs(scenario, tokenizer, n_needed + n_needed // 10 + 2, data_file)  # 5% go to "test"
     validate_config(config, world_size=1)
-    train_examples, eval_examples = load_examples(config, tokenizer, is_main=False)
+    with console.silenced():
+        train_examples, eval_examples = load_examples(config, LossSpec.from_config(config.loss), tokenizer)
     if row.side == "ours":
         result = run_ours(config, tokenizer, train_examples, eval_examples, args, run_dir)
     elif row.side == "bare":

@@ -239,12 +239,15 @@ def run_ours(config, args: argparse.Namespace, run_dir: str) -> dict:
 
 def run_trl(config, args: argparse.Namespace, scratch: Path, run_dir: str) -> dict:
     """Time TRL's DPOTrainer on the same pairs in the same order (dpo_throughput.run_trl, on config.device)."""
+    import console
+    from loss_registry import LossSpec
     from models import load_tokenizer
     from train import load_examples
     from utils import resolve_device
 
     tokenizer = load_tokenizer(config.model)
-    train_examples, _ = load_examples(config, tokenizer, is_main=False)
+    with console.silenced():
+        train_examples, _ = load_examples(config, LossSpec.from_config(config.loss), tokenizer)
     pairs = [json.loads(line) for line in (scratch / "pairs.jsonl").read_text().splitlines()]
     trl_args = argparse.Namespace(dtype="bfloat16", warmup=args.warmup, steps=args.steps, batch_pairs=args.batch_pairs)
     recorder = DeviceStepRecorder(resolve_device(config.device, 0))

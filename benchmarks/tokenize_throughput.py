@@ -39,7 +39,8 @@ sys.path[:0] = [str(REPO_ROOT), str(Path(__file__).resolve().parent)]
 
 from synthetic_data import HH_SUBSETS, hh_dialogue, write_hh_copy  # noqa: E402
 
-import preference_datasets  # noqa: E402
+import console  # noqa: E402
+import dataset_loading  # noqa: E402
 import tokenization  # noqa: E402
 
 HH_TRAIN_ROWS = 160_800  # the real train split: 42,537 + 43,835 + 22,007 + 52,421 rows over the four subsets
@@ -174,31 +175,29 @@ class Timer:
 def time_tokenize_datasets(tokenizer, workdir: Path) -> dict:
     """Timers of a cold and a warm tokenize_datasets call, and of the loading inside the cold one, plus its result."""
     timers = {"cold: load + parse (`datasets` JSON -> Arrow, get_hh)": Timer()}
-    original_get_dataset = preference_datasets.get_dataset
+    original_get_dataset = dataset_loading.get_dataset
 
     def timed_get_dataset(*positional, **keywords):  # the time inside get_dataset is loading and parsing
         with timers["cold: load + parse (`datasets` JSON -> Arrow, get_hh)"]:
             return original_get_dataset(*positional, **keywords)
 
-    preference_datasets.get_dataset = timed_get_dataset
+    dataset_loading.get_dataset = timed_get_dataset
     try:
         for run in ("cold: total", "warm: reload from cache"):
             print(f"timing tokenize_datasets, {run.split(':')[0]} ...", flush=True)
             with Timer() as timers[run]:
-                examples, n_dropped = tokenization.tokenize_datasets(
-                    ["hh"],
-                    "train",
-                    tokenizer,
+                settings = tokenization.TokenizeSettings(
                     MAX_LENGTH,
                     MAX_PROMPT_LENGTH,
                     sft_mode=False,
-                    cache_dir=str(workdir / "datasets-cache"),
+                    datasets_cache_dir=str(workdir / "datasets-cache"),
                     dataset_paths={"hh": str(workdir / "hh-rlhf")},
-                    silent=True,
                     tokenized_cache_dir=str(workdir / "tokenized"),
                 )
+                with console.silenced():
+                    examples, n_dropped = tokenization.tokenize_datasets(["hh"], "train", tokenizer, settings)
     finally:
-        preference_datasets.get_dataset = original_get_dataset
+        dataset_loading.get_dataset = original_get_dataset
     return {"timers": timers, "examples": examples, "n_dropped": n_dropped}
 
 
@@ -207,13 +206,13 @@ def time_tokenizer_alone(tokenizer, workdir: Path) -> Timer:
 
     A floor for the cold run.
     """
-    data = preference_datasets.get_dataset(
-        "hh",
-        "train",
-        silent=True,
-        cache_dir=str(workdir / "datasets-cache"),
-        dataset_paths={"hh": str(workdir / "hh-rlhf")},
-    )
+    with console.silenced():
+        data = dataset_loading.get_dataset(
+            "hh",
+            "train",
+            cache_dir=str(workdir / "datasets-cache"),
+            dataset_paths={"hh": str(workdir / "hh-rlhf")},
+        )
     responses = list(dict.fromkeys(response for entry in data.values() for response in entry["responses"]))
     print("timing the tokenizer alone ...", flush=True)
     with Timer() as timer:

@@ -22,11 +22,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import console  # noqa: E402
 from batching import collate_prompts, padded_batch  # noqa: E402
 from chat_task import score_answer  # noqa: E402
 from chat_templates import stop_token_ids  # noqa: E402
 from logprobs import sequence_logps  # noqa: E402
-from tokenization import tokenize_datasets  # noqa: E402
+from tokenization import TokenizeSettings, tokenize_datasets  # noqa: E402
 
 BATCH = 16
 
@@ -37,9 +38,9 @@ def held_out_examples(data: Path, tokenizer, max_length: int) -> tuple[list[dict
     for sft_mode in (False, True):
         examples = []
         for split in ("train", "test"):
-            split_examples, _ = tokenize_datasets(
-                [str(data)], split, tokenizer, max_length, max_length - 16, sft_mode=sft_mode, silent=True
-            )
+            settings = TokenizeSettings(max_length, max_length - 16, sft_mode=sft_mode)
+            with console.silenced():
+                split_examples, _ = tokenize_datasets([str(data)], split, tokenizer, settings)
             examples += list(split_examples)
         kinds.append(examples)
     return kinds[0], kinds[1]

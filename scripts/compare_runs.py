@@ -22,10 +22,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import console  # noqa: E402
 import embedded  # noqa: E402
 from batching import collate_prompts, padded_batch  # noqa: E402
 from logprobs import sequence_logps  # noqa: E402
-from tokenization import tokenize_datasets  # noqa: E402
+from tokenization import TokenizeSettings, tokenize_datasets  # noqa: E402
 
 BATCH_SIZE = 64
 
@@ -74,16 +75,11 @@ def answers_correct(model, tokenizer, examples: Sequence[dict]) -> float:
 def main(sft_dir: Path, dpo_dir: Path) -> None:
     config = OmegaConf.load(dpo_dir / "config.yaml")
     tokenizer = AutoTokenizer.from_pretrained(dpo_dir / "LATEST")
-    examples, _ = tokenize_datasets(
-        list(config.datasets),
-        "test",
-        tokenizer,
-        max_length=config.max_length,
-        max_prompt_length=config.max_prompt_length,
-        sft_mode=False,
-        dataset_paths=config.dataset_paths,
-        silent=True,
+    settings = TokenizeSettings(
+        config.max_length, config.max_prompt_length, sft_mode=False, dataset_paths=dict(config.dataset_paths)
     )
+    with console.silenced():
+        examples, _ = tokenize_datasets(list(config.datasets), "test", tokenizer, settings)
     task_is_numbers = list(config.datasets) == ["numbers"]
     rows = []
     for label, run_dir in (("SFT", sft_dir), ("DPO", dpo_dir)):

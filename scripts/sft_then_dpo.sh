@@ -31,3 +31,5 @@ echo "DPO run: $dpo_dir ($((dpo_done - sft_done)) s)"
 echo
 # both stages' curves on one picture per metric, in $sft_dir/compare-plots/ (the script prints where)
 "$PYTHON" scripts/plot_runs.py "$sft_dir" "$dpo_dir"
+
+echo "Next: make demo-eval (win rates of DPO against SFT and of SFT against the chosen answers, judged by the task's answer check, with intervals and the KL)"

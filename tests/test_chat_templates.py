@@ -28,10 +28,12 @@ from dataset_fixtures import (
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import chat_templates
+from conversations import Message
+from dataset_files import load_preference_file
+from dataset_loading import get_dataset
 from errors import DatasetError
 from logprobs import IGNORE_INDEX
-from preference_datasets import Message, get_dataset, load_preference_file
-from tokenization import tokenize_datasets
+from tokenization import TokenizeSettings, tokenize_datasets
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
@@ -60,15 +62,8 @@ def tokenize_file(path, tokenizer, sft_mode=False, every_assistant_turn=False, m
     """The examples of both splits of a file (a file of two prompts holds one out), and the number dropped."""
     examples, n_dropped = [], 0
     for split in ("train", "test"):
-        split_examples, split_dropped = tokenize_datasets(
-            [str(path)],
-            split,
-            tokenizer,
-            max_length=max_length,
-            max_prompt_length=max_prompt_length,
-            sft_mode=sft_mode,
-            every_assistant_turn=every_assistant_turn,
-        )
+        settings = TokenizeSettings(max_length, max_prompt_length, sft_mode, every_assistant_turn)
+        split_examples, split_dropped = tokenize_datasets([str(path)], split, tokenizer, settings)
         examples += [{key: value for key, value in e.items() if key != "index"} for e in split_examples]
         n_dropped += split_dropped
     return examples, n_dropped
@@ -176,21 +171,21 @@ def test_ultrafeedback_local_copy_reads_prefs_for_pairs_and_sft_for_sft(tmp_path
     )
     paths = {"ultrafeedback": str(root)}
     cache = str(tmp_path / "cache")
-    train = get_dataset("ultrafeedback", "train", silent=True, cache_dir=cache, dataset_paths=paths)
+    train = get_dataset("ultrafeedback", "train", cache_dir=cache, dataset_paths=paths)
     assert train == {
         (Message("user", "Name a color."),): {"responses": ["Blue.", "Dog."], "pairs": [(0, 1)], "sft_target": "Blue."},
         (Message("user", "2+2?"),): {"responses": ["4", "5"], "pairs": [(0, 1)], "sft_target": "4"},
     }
-    test = get_dataset("ultrafeedback", "test", silent=True, cache_dir=cache, dataset_paths=paths)
+    test = get_dataset("ultrafeedback", "test", cache_dir=cache, dataset_paths=paths)
     assert list(test) == [(Message("user", "Name a fruit."),)]
-    sft = get_dataset("ultrafeedback", "train", silent=True, cache_dir=cache, dataset_paths=paths, sft_mode=True)
+    sft = get_dataset("ultrafeedback", "train", cache_dir=cache, dataset_paths=paths, sft_mode=True)
     assert sft == {(Message("user", "Say hi."),): {"responses": ["Hi!"], "pairs": [], "sft_target": "Hi!"}}
 
 
 def test_ultrafeedback_without_the_hub_fails_fast_with_the_way_out(tmp_path):
     start = time.monotonic()
     with pytest.raises(DatasetError) as error:
-        get_dataset("ultrafeedback", "train", silent=True, cache_dir=str(tmp_path / "cache"))
+        get_dataset("ultrafeedback", "train", cache_dir=str(tmp_path / "cache"))
     assert time.monotonic() - start < 5
     message = str(error.value)
     assert "cannot reach the Hugging Face Hub" in message and "dataset_paths.ultrafeedback=DIR" in message
@@ -201,11 +196,11 @@ def test_hh_as_messages_parses_dialogues_into_turns(tmp_path):
     prompt = hh_prompt([("Name a cat.", " Tom.")], "Another?")
     root = write_hh_repo(tmp_path / "hh-rlhf", {("harmless-base", "train"): [hh_row(prompt, " Felix.", " No.")]})
     paths, options = {"hh": str(root)}, {"hh": {"as_messages": True}}
-    data = get_dataset("hh", "train", silent=True, dataset_paths=paths, dataset_options=options)
+    data = get_dataset("hh", "train", dataset_paths=paths, dataset_options=options)
     conversation = (Message("user", "Name a cat."), Message("assistant", "Tom."), Message("user", "Another?"))
     assert data == {conversation: {"responses": ["Felix.", "No."], "pairs": [(0, 1)], "sft_target": "Felix."}}
     with pytest.raises(DatasetError, match=r"dataset_options.hh sets \['as_message'\], which get_hh does not take"):
-        get_dataset("hh", "train", silent=True, dataset_paths=paths, dataset_options={"hh": {"as_message": True}})
+        get_dataset("hh", "train", dataset_paths=paths, dataset_options={"hh": {"as_message": True}})
 
 
 # ----- rendered tokens ------------------------------------------------------------------
@@ -300,10 +295,11 @@ def test_the_cache_key_covers_the_template_and_the_turn_switch(tmp_path):
     path = str(write_preference_file(tmp_path / "sft.jsonl", rows))
 
     def labels(tokenizer, every_assistant_turn):
-        examples, _ = tokenize_datasets(
-            [path], "train", tokenizer, 256, 128, sft_mode=True, tokenized_cache_dir=str(tmp_path / "tokenized"),
-            every_assistant_turn=every_assistant_turn, silent=True,
+        settings = TokenizeSettings(
+            256, 128, sft_mode=True, every_assistant_turn=every_assistant_turn,
+            tokenized_cache_dir=str(tmp_path / "tokenized"),
         )  # fmt: skip
+        examples, _ = tokenize_datasets([path], "train", tokenizer, settings)
         return examples[0]["chosen_input_ids"], labelled(examples[0])
 
     chatml = labels(chat_tokenizer(), False)

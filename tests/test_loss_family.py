@@ -286,6 +286,7 @@ def test_which_losses_use_a_reference_model():
         "robust": True,
         "simpo": False,
         "orpo": False,
+        "reward": False,
     }
     assert not spec("dpo", reference_free=True).uses_reference
     assert not spec("sft").is_preference and spec("orpo").is_preference
@@ -356,7 +357,7 @@ def test_out_of_range_values_are_refused(name, key, value, expected):
 
 def test_unknown_name_and_missing_keys_are_refused():
     assert loss_config_problems({"name": "kto"}) == [
-        "loss.name=kto: must be one of sft, dpo, ipo, hinge, robust, simpo, orpo "
+        "loss.name=kto: must be one of sft, dpo, ipo, hinge, robust, simpo, orpo, reward "
         "(loss=<name> picks config/loss/<name>.yaml)."
     ]
     problems = loss_config_problems({"name": "simpo", "beta": 2.0})

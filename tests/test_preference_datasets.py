@@ -29,12 +29,15 @@ from dataset_fixtures import (
     write_shp_repo,
 )
 
-import preference_datasets
+import dataset_loading
+import dataset_registry
 from batching import collate_prompts, iterate_batches, packed_batch, padded_batch
 from data_sources import html_to_text
+from dataset_files import load_preference_file
+from dataset_loading import get_dataset, truncation_mode_for
+from dataset_registry import register_dataset
 from errors import DatasetError
-from preference_datasets import get_dataset, load_preference_file, truncation_mode_for
-from tokenization import TokenizedExamples, tokenize_datasets, tokenize_element
+from tokenization import TokenizedExamples, TokenizeSettings, tokenize_datasets, tokenize_element
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +79,7 @@ def write_hh(root):
 
 def test_hh_from_a_local_copy_splits_dialogues_at_the_last_assistant_turn(tmp_path):
     hh_dir = write_hh(tmp_path / "hh-rlhf")
-    train = get_dataset(
-        "hh", "train", silent=True, cache_dir=str(tmp_path / "cache"), dataset_paths={"hh": str(hh_dir)}
-    )
+    train = get_dataset("hh", "train", cache_dir=str(tmp_path / "cache"), dataset_paths={"hh": str(hh_dir)})
     # rows sharing a prompt (here across subsets) append their responses; the red-team file is not read
     assert train == {
         SHARED: {
@@ -93,7 +94,7 @@ def test_hh_from_a_local_copy_splits_dialogues_at_the_last_assistant_turn(tmp_pa
         },
     }
     assert SHARED.endswith("\n\nHuman: Any others?\n\nAssistant:") and SHARED.count("\n\nAssistant:") == 2
-    test = get_dataset("hh", "test", silent=True, cache_dir=str(tmp_path / "cache"), dataset_paths={"hh": str(hh_dir)})
+    test = get_dataset("hh", "test", cache_dir=str(tmp_path / "cache"), dataset_paths={"hh": str(hh_dir)})
     assert list(test) == [TEST_PROMPT]
 
 
@@ -134,7 +135,7 @@ def test_shp_keeps_pairs_with_score_ratio_at_least_2_and_deduplicates_responses(
         },
     )
     paths = {"shp": str(shp_dir)}
-    train = get_dataset("shp", "train", silent=True, cache_dir=str(tmp_path / "cache"), dataset_paths=paths)
+    train = get_dataset("shp", "train", cache_dir=str(tmp_path / "cache"), dataset_paths=paths)
     prompt = "\n\nHuman: What should I read before my PhD?\n\nAssistant:"
     assert train == {
         prompt: {
@@ -149,7 +150,7 @@ def test_shp_keeps_pairs_with_score_ratio_at_least_2_and_deduplicates_responses(
         },
     }
     for split, question in (("validation", "Validation question?"), ("test", "Test question?")):
-        data = get_dataset("shp", split, silent=True, cache_dir=str(tmp_path / "cache"), dataset_paths=paths)
+        data = get_dataset("shp", split, cache_dir=str(tmp_path / "cache"), dataset_paths=paths)
         assert list(data) == [f"\n\nHuman: {question}\n\nAssistant:"]
 
 
@@ -158,9 +159,7 @@ def test_shp_computes_the_score_ratio_when_the_field_is_absent(tmp_path):
     for row in rows:
         del row["score_ratio"]
     shp_dir = write_shp_repo(tmp_path / "SHP", {("askculinary", "train"): rows})
-    data = get_dataset(
-        "shp", "train", silent=True, cache_dir=str(tmp_path / "cache"), dataset_paths={"shp": str(shp_dir)}
-    )
+    data = get_dataset("shp", "train", cache_dir=str(tmp_path / "cache"), dataset_paths={"shp": str(shp_dir)})
     assert list(data) == ["\n\nHuman: Q1?\n\nAssistant:"]
 
 
@@ -204,7 +203,7 @@ def test_se_pairs_answers_with_different_scores_from_plain_text(tmp_path):
     ]
     se_dir = write_se_repo(tmp_path / "se", {"webmasters.stackexchange.com": rows})
     # with 2 questions the 1% test share is empty, so train holds everything
-    data = get_dataset("se", "train", silent=True, cache_dir=str(tmp_path / "cache"), dataset_paths={"se": str(se_dir)})
+    data = get_dataset("se", "train", cache_dir=str(tmp_path / "cache"), dataset_paths={"se": str(se_dir)})
     assert data == {
         "\n\nHuman: How do I center a div?\n\nAssistant:": {
             "responses": [" Use flexbox.", " Use a table.", " Margins."],
@@ -218,8 +217,8 @@ def test_se_holds_out_the_first_percent_of_the_seed_42_shuffle(tmp_path):
     n_questions = 300
     se_dir = write_se(tmp_path / "se", n_questions)
     paths, cache = {"se": str(se_dir)}, str(tmp_path / "cache")
-    test = get_dataset("se", "test", silent=True, cache_dir=cache, dataset_paths=paths)
-    train = get_dataset("se", "train", silent=True, cache_dir=cache, dataset_paths=paths)
+    test = get_dataset("se", "test", cache_dir=cache, dataset_paths=paths)
+    train = get_dataset("se", "train", cache_dir=cache, dataset_paths=paths)
     assert len(test) == 3 and len(train) == n_questions - 3
     assert not set(test) & set(train)
     # the reference scripts' split: datasets' shuffle(seed=42) is numpy's default_rng(42) permutation
@@ -227,7 +226,7 @@ def test_se_holds_out_the_first_percent_of_the_seed_42_shuffle(tmp_path):
     qids_in_row_order = list(range(150, 300)) + list(range(150))
     held_out_qids = [qids_in_row_order[i] for i in np.random.default_rng(42).permutation(n_questions)[:3]]
     assert list(test) == [f"\n\nHuman: Question {qid}?\n\nAssistant:" for qid in held_out_qids]
-    assert get_dataset("se", "test", silent=True, cache_dir=cache, dataset_paths=paths) == test
+    assert get_dataset("se", "test", cache_dir=cache, dataset_paths=paths) == test
 
 
 # ----- Hub errors ------------------------------------------------------------------------
@@ -244,7 +243,7 @@ def test_unreachable_hub_fails_fast_with_the_way_out(tmp_path, name, source, hub
     # sources no Hub cache holds, so the test means the same on every machine
     start = time.monotonic()
     with pytest.raises(DatasetError) as error:
-        get_dataset(name, "train", silent=True, cache_dir=str(tmp_path / "cache"), dataset_paths={name: source})
+        get_dataset(name, "train", cache_dir=str(tmp_path / "cache"), dataset_paths={name: source})
     assert time.monotonic() - start < 5
     message = str(error.value)
     assert f"Could not load dataset '{name}' from '{source}'" in message
@@ -257,7 +256,7 @@ def test_unreachable_hub_fails_fast_with_the_way_out(tmp_path, name, source, hub
 
 def test_missing_local_copy_names_the_setting(tmp_path):
     with pytest.raises(DatasetError, match=r"dataset_paths.shp=.*nowhere: no such directory"):
-        get_dataset("shp", "train", silent=True, dataset_paths={"shp": str(tmp_path / "nowhere")})
+        get_dataset("shp", "train", dataset_paths={"shp": str(tmp_path / "nowhere")})
 
 
 def test_local_copy_of_another_dataset_is_reported(tmp_path):
@@ -265,12 +264,12 @@ def test_local_copy_of_another_dataset_is_reported(tmp_path):
     with pytest.raises(
         DatasetError, match=r"Dataset 'hh' from .*lacks \['chosen', 'rejected'\]. Is this a copy of Anthropic/hh-rlhf"
     ):
-        get_dataset("hh", "train", silent=True, cache_dir=str(tmp_path / "cache"), dataset_paths={"hh": str(shp_dir)})
+        get_dataset("hh", "train", cache_dir=str(tmp_path / "cache"), dataset_paths={"hh": str(shp_dir)})
 
 
 def test_unknown_split_is_reported_before_loading():
     with pytest.raises(DatasetError, match="Dataset 'se' has splits 'train' and 'test', not 'validation'"):
-        get_dataset("se", "validation", silent=True)
+        get_dataset("se", "validation")
 
 
 # ----- user files --------------------------------------------------------------------------
@@ -370,12 +369,21 @@ def test_unknown_dataset_lists_the_known_ones_and_file_paths():
     assert ".jsonl/.json/.parquet" in message and "get_hhh(split" in message
 
 
-def test_a_get_function_added_to_the_module_is_a_dataset(monkeypatch):
-    def get_mydata(split, silent=False, cache_dir=None):
+@pytest.fixture
+def registry():
+    """The dataset registry, for a test to register loaders in; its rows are restored afterwards."""
+    saved = dict(dataset_registry.DATASETS)
+    yield dataset_registry.DATASETS
+    dataset_registry.DATASETS.clear()
+    dataset_registry.DATASETS.update(saved)
+
+
+def test_a_loader_registered_in_the_module_is_a_dataset(registry):
+    @register_dataset("mydata")
+    def get_mydata(split):
         return {"P": {"responses": ["a", "b"], "pairs": [(1, 0)], "sft_target": "b"}}
 
-    monkeypatch.setattr(preference_datasets, "get_mydata", get_mydata, raising=False)
-    assert "mydata" in preference_datasets.available_datasets()
+    assert "mydata" in dataset_loading.available_datasets()
     assert get_dataset("mydata", "train")["P"]["pairs"] == [(1, 0)]
     with pytest.raises(DatasetError, match="dataset_paths.mydata is set, but get_mydata takes no source"):
         get_dataset("mydata", "train", dataset_paths={"mydata": "/some/dir"})
@@ -394,11 +402,11 @@ def test_a_get_function_added_to_the_module_is_a_dataset(monkeypatch):
         ({"responses": ["a"], "pairs": [], "sft_target": None}, "sft_target must be a string, not NoneType"),
     ],
 )
-def test_contract_violations_name_dataset_prompt_and_problem(monkeypatch, entry, problem):
-    def get_broken(split, silent=False, cache_dir=None):
+def test_contract_violations_name_dataset_prompt_and_problem(registry, entry, problem):
+    @register_dataset("broken")
+    def get_broken(split):
         return {"x" * 200: entry}
 
-    monkeypatch.setattr(preference_datasets, "get_broken", get_broken, raising=False)
     with pytest.raises(DatasetError, match=rf"Dataset 'broken', prompt 'x{{79}}\.\.\.: {problem}"):
         get_dataset("broken", "train")
 
@@ -513,7 +521,8 @@ def test_tokenize_datasets_makes_one_example_per_pair_or_per_prompt(tmp_path, to
     path = str(write_preference_file(tmp_path / "prefs.jsonl", rows))
     split = "train" if "Q2?" in load_preference_file(path, "train") else "test"
     data = load_preference_file(path, split)
-    pairs, n_dropped = tokenize_datasets([path], split, tokenizer, max_length=12, max_prompt_length=4, sft_mode=False)
+    settings = TokenizeSettings(max_length=12, max_prompt_length=4, sft_mode=False)
+    pairs, n_dropped = tokenize_datasets([path], split, tokenizer, settings)
     # Q2's responses only differ after the 8 tokens that fit: nothing to train on, dropped
     assert n_dropped == 1
     expected = [(r["prompt"], r["chosen"], r["rejected"]) for r in rows if r["prompt"] in data and r["prompt"] != "Q2?"]
@@ -522,7 +531,8 @@ def test_tokenize_datasets_makes_one_example_per_pair_or_per_prompt(tmp_path, to
         {**tokenize_element(*triple, "keep_start", tokenizer, 12, 4), "index": i} for i, triple in enumerate(expected)
     ]
 
-    sft, n_dropped = tokenize_datasets([path], split, tokenizer, max_length=12, max_prompt_length=4, sft_mode=True)
+    settings = TokenizeSettings(max_length=12, max_prompt_length=4, sft_mode=True)
+    sft, n_dropped = tokenize_datasets([path], split, tokenizer, settings)
     assert n_dropped == 0
     assert list(sft) == [
         {**tokenize_element(prompt, entry["sft_target"], None, "keep_start", tokenizer, 12, 4), "index": i}
@@ -533,17 +543,14 @@ def test_tokenize_datasets_makes_one_example_per_pair_or_per_prompt(tmp_path, to
 
 def test_tokenize_datasets_keeps_the_end_of_long_hh_prompts(tmp_path, tokenizer):
     hh_dir = write_hh(tmp_path / "hh-rlhf")
-    examples, _ = tokenize_datasets(
-        ["hh"],
-        "train",
-        tokenizer,
+    settings = TokenizeSettings(
         max_length=24,
         max_prompt_length=16,
         sft_mode=False,
-        cache_dir=str(tmp_path / "cache"),
+        datasets_cache_dir=str(tmp_path / "cache"),
         dataset_paths={"hh": str(hh_dir)},
-        silent=True,
     )
+    examples, _ = tokenize_datasets(["hh"], "train", tokenizer, settings)
     assert len(examples) == 3
     assert examples[0]["prompt"] == SHARED
     assert examples[0]["prompt_input_ids"] == ids(tokenizer, SHARED)[-16:]
@@ -557,7 +564,7 @@ def tokenized_file(tmp_path, tokenizer, rows: list[dict], sft_mode: bool = False
     path = tmp_path / "prefs.jsonl"
     if not path.exists():
         write_preference_file(path, rows)
-    examples, _ = tokenize_datasets([str(path)], "train", tokenizer, 32, 8, sft_mode=sft_mode, silent=True)
+    examples, _ = tokenize_datasets([str(path)], "train", tokenizer, TokenizeSettings(32, 8, sft_mode=sft_mode))
     return examples
 
 
@@ -620,19 +627,16 @@ def cache_rows() -> list[dict]:
     return preference_rows(6) + [{"prompt": "Q2?", "chosen": " same stub A", "rejected": " same stub B"}]
 
 
-def tokenize_with_cache(tmp_path, names, tokenizer, tokenized_cache_dir, max_length=12, sft_mode=False, silent=True):
-    return tokenize_datasets(
-        names,
-        "train",
-        tokenizer,
+def tokenize_with_cache(tmp_path, names, tokenizer, tokenized_cache_dir, max_length=12, sft_mode=False):
+    settings = TokenizeSettings(
         max_length=max_length,
         max_prompt_length=4,
         sft_mode=sft_mode,
-        cache_dir=str(tmp_path / "datasets-cache"),
+        datasets_cache_dir=str(tmp_path / "datasets-cache"),
         dataset_paths={"hh": str(tmp_path / "hh-rlhf")},
-        silent=silent,
         tokenized_cache_dir=tokenized_cache_dir,
     )
+    return tokenize_datasets(names, "train", tokenizer, settings)
 
 
 @pytest.mark.parametrize("sft_mode", [False, True])
@@ -649,9 +653,9 @@ def test_cache_hit_gives_the_same_examples_without_loading_the_data(tmp_path, to
     def no_loading(*args, **kwargs):
         raise AssertionError("a cache hit must not load the raw data")
 
-    monkeypatch.setattr(preference_datasets, "get_dataset", no_loading)
+    monkeypatch.setattr(dataset_loading, "get_dataset", no_loading)
     capsys.readouterr()
-    second, second_dropped = tokenize_with_cache(tmp_path, names, tokenizer, cache, sft_mode=sft_mode, silent=False)
+    second, second_dropped = tokenize_with_cache(tmp_path, names, tokenizer, cache, sft_mode=sft_mode)
     printed = capsys.readouterr().out.splitlines()
     assert printed == [f"tokenized {name} train: loaded from cache {path}" for name, path in zip(names, entries)]
     # the datasets concatenated in the order given, every key of every example the same
@@ -671,7 +675,7 @@ def test_another_max_length_reuses_the_cached_tokens(tmp_path, tokenizer, monkey
     def no_loading(*args, **kwargs):
         raise AssertionError("the cached tokens serve every max_length")
 
-    monkeypatch.setattr(preference_datasets, "get_dataset", no_loading)
+    monkeypatch.setattr(dataset_loading, "get_dataset", no_loading)
     longer, n_dropped = tokenize_with_cache(tmp_path, names, tokenizer, cache, max_length=16)
     assert list(longer) == list(fresh) != list(short) and n_dropped == n_dropped_fresh == 0 != n_dropped_short
     assert longer.fingerprint == fresh.fingerprint != short.fingerprint
@@ -743,10 +747,10 @@ def test_an_unreadable_cache_entry_is_rebuilt(tmp_path, tokenizer, capsys, corru
     [entry] = (tmp_path / "tokenized").iterdir()
     corrupt(entry)
     capsys.readouterr()
-    rebuilt, n_dropped = tokenize_with_cache(tmp_path, names, tokenizer, cache, silent=False)
+    rebuilt, n_dropped = tokenize_with_cache(tmp_path, names, tokenizer, cache)
     assert f"the cache entry {entry} is unreadable" in capsys.readouterr().out
     assert list(rebuilt) == list(first) and n_dropped == 1
-    tokenize_with_cache(tmp_path, names, tokenizer, cache, silent=False)
+    tokenize_with_cache(tmp_path, names, tokenizer, cache)
     assert capsys.readouterr().out.startswith(f"tokenized {names[0]} train: loaded from cache {entry}")
 
 
@@ -766,7 +770,7 @@ def test_an_interrupted_write_leaves_no_entry_and_a_failed_one_only_a_note(tmp_p
         tokenize_with_cache(tmp_path, names, tokenizer, str(cache))
     assert list(cache.iterdir()) == []
     monkeypatch.setattr(np, "savez", write_half_then(OSError(28, "No space left on device")))
-    examples, _ = tokenize_with_cache(tmp_path, names, tokenizer, str(cache), silent=False)
+    examples, _ = tokenize_with_cache(tmp_path, names, tokenizer, str(cache))
     assert "could not cache the tokens at" in capsys.readouterr().out and list(cache.iterdir()) == []
     monkeypatch.undo()
     assert list(tokenize_with_cache(tmp_path, names, tokenizer, str(cache))[0]) == list(examples)
