@@ -3,19 +3,39 @@
 
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
-# The CPU build of torch that installs from this pin; on a GPU machine use e.g. `make TORCH=torch`.
+# Installs are locked: requirements.lock pins every package, with hashes, to the versions the suite
+# passed with; requirements.txt holds the ranges it is compiled from. `make upgrade` is the one
+# deliberate step that moves them (re-resolve to the newest, rebuild the venv, run the suite).
+LOCK := requirements.lock
+# torch is installed by its pin, before the lock and outside it: the CPU build (2.13.0+cpu) lies on this
+# machine's disk in FIND_LINKS (plain pip finds it there), not on PyPI, so a hash of it would lock every
+# other machine out, and GPU machines want a CUDA build (e.g. `make TORCH=torch==2.13.0`, with their
+# index). The lock's other pins, torch's own dependencies among them, are resolved against this build.
 TORCH ?= torch==2.13.0
+TORCH_LOCKED ?= torch==2.13.0+cpu
+FIND_LINKS ?= /opt/wheels
+UV_COMPILE = $(VENV)/bin/uv pip compile requirements.txt --quiet --no-annotate --generate-hashes --python-version 3.11 \
+	--find-links $(FIND_LINKS) --no-emit-package torch --custom-compile-command "make lock" --output-file $(LOCK)
 
-.PHONY: demo demo-eval chat-model demo-chat test lint venv clean
+.PHONY: demo chat-model demo-chat test lint venv lock upgrade clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: $(LOCK)
 	python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet "$(TORCH)"
-	$(PYTHON) -m pip install --quiet -r requirements.txt
+	$(PYTHON) -m pip install --quiet --require-hashes -r $(LOCK)
 	touch $@
+
+# re-pin requirements.lock to requirements.txt, keeping every version that still satisfies it
+lock: venv
+	echo "$(TORCH_LOCKED)" | $(UV_COMPILE) --constraint /dev/stdin
+
+# the newest versions requirements.txt allows: a new lock, a fresh venv from it, and the whole suite
+upgrade: venv
+	echo "$(TORCH_LOCKED)" | $(UV_COMPILE) --constraint /dev/stdin --upgrade
+	rm -rf $(VENV)
+	$(MAKE) test
 
 demo: venv
 	PYTHON=$(PYTHON) scripts/sft_then_dpo.sh

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jinja2
+from transformers.utils.chat_template_utils import _compile_jinja_template
 
 from errors import DatasetError
 
@@ -31,10 +32,30 @@ PLAIN_TEXT_TEMPLATE = (
 
 
 def chat_template_problem(setting: str) -> str | None:
-    """Why the `chat_template` config value is unusable, or None (for the config checks)."""
-    if setting in CHAT_TEMPLATE_CHOICES or Path(setting).is_file():
+    """Why the `chat_template` config value is unusable, or None (for the config checks).
+
+    A template file is compiled as transformers compiles it, so a syntax error is found here, with
+    its line, and is never taken for rows the template refuses.
+    """
+    if setting in CHAT_TEMPLATE_CHOICES:
         return None
-    return f"chat_template={setting}: must be auto, none, or the path of a Jinja chat template file (no such file)."
+    if not Path(setting).is_file():
+        return f"chat_template={setting}: must be auto, none, or the path of a Jinja chat template file (no such file)."
+    try:
+        text = Path(setting).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        return f"chat_template={setting}: cannot be read as UTF-8 text ({error})."
+    syntax_error = template_syntax_error(text)
+    return f"chat_template={setting}: {syntax_error}. Fix the template file." if syntax_error else None
+
+
+def template_syntax_error(template: str) -> str | None:
+    """Where and why a Jinja chat template does not compile ("line 3: unexpected '}'"), or None."""
+    try:
+        _compile_jinja_template(template)
+    except jinja2.TemplateSyntaxError as error:  # also an unknown filter or test (TemplateAssertionError)
+        return f"line {error.lineno}: {error.message}"
+    return None
 
 
 def set_chat_template(tokenizer, setting: str) -> None:
@@ -64,6 +85,12 @@ def render(tokenizer, conversations: Sequence[Sequence[dict]], add_generation_pr
     None for a conversation the template refuses (many raise on roles that do not alternate).
     """
     template = template_text(tokenizer)
+    syntax_error = template_syntax_error(template)
+    if syntax_error:
+        raise DatasetError(
+            f"The chat template of {tokenizer.name_or_path or 'the tokenizer'} does not compile ({syntax_error}); "
+            "no row was rendered. Set chat_template=<a fixed Jinja file> or chat_template=none."
+        )
     texts = []
     for conversation in conversations:
         try:

@@ -19,11 +19,13 @@ import os
 import pickle
 import re
 import shutil
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel
 
 MODEL_CONFIG_FILE = "config.json"
@@ -159,6 +161,38 @@ def read_trainer_state(checkpoint_dir: Path) -> dict:
     return torch.load(checkpoint_dir / TRAINER_STATE_FILE, weights_only=True)
 
 
+def damaged_file_problem(path: Path) -> str | None:
+    """Why a weights or state file cannot be read (cut short by a full disk or a killed copy), or None.
+
+    Reads only what proves the file whole without loading it: a safetensors header and the length it
+    promises, a torch.save archive's zip directory (written last, so a cut-short file lacks it).
+    """
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(path, "pt"):
+                pass
+        elif path.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(path):
+            return f"{path} is not a complete torch.save file (cut short, or not written by torch.save)"
+    except (SafetensorError, OSError) as error:
+        return f"{path} cannot be read ({error})"
+    return None
+
+
+def checkpoint_damage(checkpoint_dir: Path) -> str | None:
+    """Why a complete-looking checkpoint folder cannot be resumed from: its first damaged file, or None."""
+    files = sorted(checkpoint_dir.glob("*.safetensors")) + sorted(adapter_dir(checkpoint_dir).glob("*.safetensors"))
+    files += [checkpoint_dir / name for name in (OPTIMIZER_FILE, TRAINER_STATE_FILE)]
+    for path in files:
+        problem = damaged_file_problem(path) if path.is_file() else None
+        if problem:
+            return problem
+    try:
+        read_trainer_state(checkpoint_dir)["examples_seen"]
+    except (OSError, EOFError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as error:
+        return f"{checkpoint_dir / TRAINER_STATE_FILE} cannot be read ({type(error).__name__}: {error})"
+    return None
+
+
 def resume_problem(checkpoint_dir: Path, distributed: bool, trainer: str, lora: bool = False) -> str | None:
     """Why `resume_from=checkpoint_dir` cannot resume a run of this trainer (a LoRA run when `lora`), or None."""
     if checkpoint_dir.is_dir() and holds_adapter(checkpoint_dir) != lora:
@@ -168,7 +202,10 @@ def resume_problem(checkpoint_dir: Path, distributed: bool, trainer: str, lora: 
     needed = (weights, TRAINER_STATE_FILE, optimizer_state_name(distributed))
     missing = [name for name in needed if not (checkpoint_dir / name).exists()]
     if not missing:
-        return None
+        damage = checkpoint_damage(checkpoint_dir)
+        return (
+            f"resume_from={checkpoint_dir}: {damage}. Resume from an earlier checkpoint of the run." if damage else None
+        )
     return (
         f"resume_from={checkpoint_dir}: missing {', '.join(missing)}. Point it at a checkpoint folder of a "
         f"{trainer} run (<run>/step-N or <run>/{FINAL})."
@@ -193,6 +230,11 @@ def archive_problem(archive: Path) -> str | None:
         )
     if archive.is_file() and archive.suffix != ".pt":
         return f"model.archive={archive}: expected a checkpoint folder or a .pt file from the reference scripts."
+    files = [archive] if archive.is_file() else sorted(archive.glob("*.safetensors"))
+    for path in files + sorted(adapter_dir(archive).glob("*.safetensors")):
+        damage = damaged_file_problem(path)
+        if damage:
+            return f"model.archive={archive}: {damage}. Copy it again, or point model.archive at another checkpoint."
     return None
 
 
@@ -201,38 +243,46 @@ RUN_FOLDER_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_\d{6}")
 CHECKPOINT_NAME = re.compile(rf"({FINAL}|step-\d+)(\.old)?")
 
 
-def newest_checkpoint(local_dirs: Iterable[str], exp_name: str) -> Path | None:
-    """The complete checkpoint of runs named `exp_name` under local_dirs that has seen the most examples, or None.
+def newest_checkpoint(local_dirs: Iterable[str], exp_name: str) -> tuple[Path | None, list[str]]:
+    """The complete, readable checkpoint of runs named `exp_name` under local_dirs that has seen the most
+    examples (or None), and a note for each damaged checkpoint passed over.
 
     Ties (a LATEST and the step-N of the same step, or a run resumed from an earlier one) go to
     the newer run folder, then to LATEST.
     """
-    candidates = []
+    candidates, skipped = [], []
     for parent in map(Path, local_dirs):
         for run_dir in parent.glob(f"{glob.escape(exp_name)}_*") if parent.is_dir() else []:
             if not RUN_FOLDER_TIMESTAMP.fullmatch(run_dir.name.removeprefix(f"{exp_name}_")):
                 continue
             for checkpoint_dir in run_dir.iterdir():
-                if CHECKPOINT_NAME.fullmatch(checkpoint_dir.name) and is_complete(checkpoint_dir):
-                    examples_seen = read_trainer_state(checkpoint_dir)["examples_seen"]
-                    candidates.append((examples_seen, run_dir.name, checkpoint_dir.name == FINAL, checkpoint_dir))
-    return max(candidates)[-1] if candidates else None
+                if not (CHECKPOINT_NAME.fullmatch(checkpoint_dir.name) and is_complete(checkpoint_dir)):
+                    continue
+                damage = checkpoint_damage(checkpoint_dir)
+                if damage:
+                    skipped.append(f"resume_from=auto: skipped {checkpoint_dir}: {damage}")
+                    continue
+                examples_seen = read_trainer_state(checkpoint_dir)["examples_seen"]
+                candidates.append((examples_seen, run_dir.name, checkpoint_dir.name == FINAL, checkpoint_dir))
+    return (max(candidates)[-1] if candidates else None), skipped
 
 
 def resume_target(resume_from: str | None, local_dirs: Iterable[str], exp_name: str) -> tuple[str | None, str | None]:
-    """The checkpoint folder a run resumes from (None: a fresh run) and a line saying why, if any.
+    """The checkpoint folder a run resumes from (None: a fresh run) and the lines saying why, if any.
 
-    `auto`: the newest complete checkpoint of earlier runs of exp_name, else a fresh run. A
+    `auto`: the newest complete, readable checkpoint of earlier runs of exp_name, else a fresh run. A
     folder whose save was killed between its two renames is read from its .old copy.
     """
     if resume_from is None:
         return None, None
     if resume_from == AUTO:
-        found = newest_checkpoint(local_dirs, exp_name)
+        found, skipped = newest_checkpoint(local_dirs, exp_name)
         if found is None:
             searched = ", ".join(map(str, local_dirs))
-            return None, f"resume_from=auto: no complete checkpoint of {exp_name} under {searched}; starting fresh"
-        return str(found), f"resume_from=auto: resuming from {found}"
+            note = f"resume_from=auto: no complete checkpoint of {exp_name} under {searched}; starting fresh"
+        else:
+            note = f"resume_from=auto: resuming from {found}"
+        return (None if found is None else str(found)), "\n".join(skipped + [note])
     return readable_setting("resume_from", resume_from)
 
 

@@ -12,6 +12,7 @@ from checkpoints import AUTO, archive_problem, resume_config_problems, resume_pr
 from dataset_loading import dataset_config_problems
 from errors import ConfigError
 from loss_registry import LossSpec, loss_config_problems, loss_config_warnings
+from models import local_model_problem
 from optimization import optimization_problems
 from tokenization import length_problem
 from trainers import TRAINERS, BasicTrainer
@@ -20,10 +21,65 @@ from utils import DTYPES
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
 
 
+# The type of every numeric, switch and list setting train.py reads; checked before the values, so that
+# `batch_size=four` is one line of the report instead of a TypeError inside another check.
+WHOLE_NUMBER_KEYS = (
+    "seed", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "warmup_steps", "max_length",
+    "max_prompt_length", "n_epochs", "n_examples", "n_eval_examples", "eval_every", "n_eval_model_samples",
+    "sampling.max_new_tokens", "logps_chunk_tokens", "fsdp.prefetch_blocks", "lora.r",
+)  # fmt: skip
+NUMBER_KEYS = (
+    "lr",
+    "weight_decay",
+    "max_grad_norm",
+    "minimum_log_interval_secs",
+    "sampling.top_p",
+    "lora.alpha",
+    "lora.dropout",
+)
+SWITCH_KEYS = (
+    "do_first_eval", "sample_during_eval", "precompute_ref_logps", "packing", "share_prompt", "debug",
+    "sft_every_assistant_turn", "activation_checkpointing", "plots.enabled", "tensorboard.enabled",
+    "wandb.enabled", "lora.enabled", "lora.load_in_4bit", "fsdp.reshard_after_forward", "sampling.greedy",
+    "model.trust_remote_code",
+)  # fmt: skip
+LIST_KEYS = ("local_dirs",)  # datasets: dataset_loading.dataset_config_problems
+# settings whose null is meaningful (see config.yaml); any other null is a type error
+NULLABLE_KEYS = ("n_epochs", "n_examples", "n_eval_examples", "logps_chunk_tokens")
+
+
+def _type_problem(key: str, value) -> str | None:
+    """Why `value` does not have the declared type of `key`, or None. bool is not a number here (True == 1)."""
+    if value is None:
+        return None if key in NULLABLE_KEYS else f"{key}=null: give a value (see config/config.yaml)."
+    if key in WHOLE_NUMBER_KEYS:
+        if isinstance(value, float) and value.is_integer():
+            return f"{key}={value}: must be a whole number; write {key}={int(value)}."
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"{key}={value}: must be a whole number, e.g. {key}=8."
+    elif key in NUMBER_KEYS and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        return f"{key}={value}: must be a number, e.g. {key}=1e-4."
+    elif key in SWITCH_KEYS and not isinstance(value, bool):
+        return f"{key}={value}: must be true or false."
+    elif key in LIST_KEYS and not OmegaConf.is_list(value):
+        return f"{key}={value}: must be a list; write {key}=[{value}] (entries separated by commas)."
+    return None
+
+
+def type_problems(config: DictConfig) -> list[str]:
+    """Each setting whose value has the wrong type (text for a number, a float for a count, a string for a list)."""
+    problems = []
+    for key in WHOLE_NUMBER_KEYS + NUMBER_KEYS + SWITCH_KEYS + LIST_KEYS:
+        problem = _type_problem(key, OmegaConf.select(config, key))
+        if problem:
+            problems.append(problem)
+    return problems
+
+
 def _check_positive(config: DictConfig, keys: Iterable[str], problems: list[str]) -> None:
     for key in keys:
         value = OmegaConf.select(config, key)
-        if value is not None and not value > 0:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not value > 0:
             problems.append(f"{key}={value}: must be greater than 0.")
 
 
@@ -76,6 +132,10 @@ def _check_model(model: DictConfig, problems: list[str]) -> None:
                 f"model.from_scratch.hidden_size={shape.hidden_size} is not divisible by "
                 f"model.from_scratch.num_attention_heads={shape.num_attention_heads}."
             )
+    for key in ("name_or_path", "tokenizer_name_or_path"):
+        problem = None if OmegaConf.is_missing(model, key) else local_model_problem(f"model.{key}", model[key])
+        if problem:
+            problems.append(problem)
     if model.archive is not None:
         problem = archive_problem(Path(model.archive))
         if problem:
@@ -171,19 +231,26 @@ def validate_config(config: DictConfig, world_size: int) -> list[str]:
 
     Returns warnings: settings that are allowed but probably not what was meant.
     """
-    problems = loss_config_problems(config.loss)
-    problems += optimization_problems(config.optimizer, config.weight_decay, config.lr_scheduler)
-    _check_values(config, problems)
-    _check_combinations(config, problems)
-    _check_float16(config, problems)
-    _check_lengths_of_run(config, problems)
-    _check_model(config.model, problems)
-    trainer = TRAINERS.get(config.trainer)
-    if trainer is not None:  # else _check_values has named the choices
-        problems += lora.config_problems(config, trainer)
-        _check_resume(config, trainer, world_size, problems)
-        _check_batches(config, trainer, world_size, problems)
-    _check_datasets(config, problems)
+    problems = type_problems(config)
+    try:
+        problems += loss_config_problems(config.loss)
+        problems += optimization_problems(config.optimizer, config.weight_decay, config.lr_scheduler)
+        _check_values(config, problems)
+        _check_combinations(config, problems)
+        _check_float16(config, problems)
+        _check_lengths_of_run(config, problems)
+        _check_model(config.model, problems)
+        trainer = TRAINERS.get(config.trainer)
+        if trainer is not None:  # else _check_values has named the choices
+            problems += lora.config_problems(config, trainer)
+            _check_resume(config, trainer, world_size, problems)
+            _check_batches(config, trainer, world_size, problems)
+        _check_datasets(config, problems)
+    except (TypeError, ValueError):
+        # a value check compared text with a number: the wrong type is reported above, and the
+        # checks after this one wait for it to be fixed
+        if not problems:
+            raise
     if problems:
         raise ConfigError(problems)
     return loss_config_warnings(config.loss)

@@ -53,8 +53,8 @@ class DatasetRow:
         return problems
 
     def load(self, split: str, *, source: str | None, cache_dir: str | None, sft_mode: bool, options: Mapping):
-        """Call the loader with the arguments it declares: source and cache_dir, sft_mode, its options."""
-        arguments = dict(options)
+        """Call the loader with what it declares: source and cache_dir, sft_mode, each option (else its default)."""
+        arguments = {**self.options, **options}
         if self.source is not None:
             arguments["source"] = self.source if source is None else source
             arguments["cache_dir"] = cache_dir

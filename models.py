@@ -2,6 +2,7 @@
 
 import hashlib
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -31,6 +32,30 @@ def _hub_failure(name_or_path: str, error: Exception) -> ModelLoadError:
         "(and model.tokenizer_name_or_path=DIR), or run once online so the Hub cache holds it. "
         "Set HF_HUB_OFFLINE=1 to fail at once instead of retrying."
     )
+
+
+# what a Hub id looks like (`name` or `org/name`); anything else that does not exist is a missing local folder
+HUB_ID = re.compile(r"[\w][\w.-]*(/[\w][\w.-]*)?")
+
+
+def local_model_problem(key: str, name_or_path: str | None) -> str | None:
+    """Why the model or tokenizer source `key=name_or_path` cannot load, found without loading it, or None.
+
+    A path that is not there gets "no such folder" (not the Hub's advice); a local folder's weight
+    files are checked whole (a cut-short model.safetensors). Hub ids are left to the load.
+    """
+    if name_or_path is None:
+        return None
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        if HUB_ID.fullmatch(str(name_or_path)) and not str(name_or_path).startswith("."):
+            return None
+        return f"{key}={name_or_path}: no such folder. Give the folder that holds config.json and the weights."
+    for weights in sorted(path.glob("*.safetensors")) if path.is_dir() else []:
+        damage = checkpoints.damaged_file_problem(weights)
+        if damage:
+            return f"{key}={name_or_path}: {damage}. Download or copy the model again."
+    return None
 
 
 def load_tokenizer(model_config: DictConfig) -> transformers.PreTrainedTokenizerBase:
@@ -103,6 +128,58 @@ def _load_pretrained(
         )
     except OSError as error:
         raise _hub_failure(source, error) from error
+
+
+# what must agree between the model a run names and the archive it starts from
+ARCHITECTURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def _architecture(config: transformers.PretrainedConfig) -> dict:
+    text_config = config.get_text_config(decoder=True)
+    return {key: getattr(text_config, key, getattr(config, key, None)) for key in ARCHITECTURE_KEYS}
+
+
+def check_model_matches(model_config: DictConfig, tokenizer, max_length: int) -> None:
+    """Raise ModelLoadError when the archive or the tokenizer belongs to another model, reading configs only.
+
+    The archive's config.json must describe the model that model= names (a run of another model
+    would load whole and train with the wrong tokenizer), and the tokenizer must fit the embedding:
+    more tokens than rows fail inside the embedding, fewer than half are another model's tokenizer
+    (models round their vocabulary up a little, never to double).
+    """
+    if model_config.from_scratch is not None:
+        named = _from_scratch_config(model_config, tokenizer, max_length)
+    else:
+        try:
+            named = AutoConfig.from_pretrained(
+                model_config.name_or_path, trust_remote_code=model_config.trust_remote_code
+            )
+        except OSError as error:
+            raise _hub_failure(model_config.name_or_path, error) from error
+    model_name = model_config.name_or_path or f"model.from_scratch ({model_config.name})"
+    weights, weights_name = named, model_name
+    archive = Path(model_config.archive) if model_config.archive else None
+    if archive is not None and (archive / checkpoints.MODEL_CONFIG_FILE).is_file():
+        weights, weights_name = AutoConfig.from_pretrained(archive), f"model.archive={archive}"
+        trained, expected = _architecture(weights), _architecture(named)
+        differ = [
+            f"{key}={trained[key]} (model: {expected[key]})"
+            for key in ARCHITECTURE_KEYS
+            if trained[key] != expected[key]
+        ]
+        if differ:
+            raise ModelLoadError(
+                f"model.archive={archive} is not a checkpoint of {model_name}: its {', '.join(differ)}. "
+                "Set model= to the model that archive was trained from."
+            )
+    rows, tokens = _architecture(weights)["vocab_size"], len(tokenizer)
+    if rows is not None and not rows / 2 <= tokens <= rows:
+        source = model_config.tokenizer_name_or_path or model_config.name_or_path or "the embedded tokenizer"
+        raise ModelLoadError(
+            f"The tokenizer ({source}) has {tokens} tokens, but {weights_name} has {rows} embedding rows: they belong "
+            "to different models. Use the model's own tokenizer (model.tokenizer_name_or_path), or the model of "
+            "this tokenizer."
+        )
 
 
 # Buffers that transformers 4.29 (the reference scripts' version) kept in state dicts and current
@@ -222,13 +299,26 @@ def weights_fingerprint(model_config: DictConfig, seed: int) -> dict:
     return fingerprint
 
 
-def block_class_name(model: PreTrainedModel, configured: str | None) -> str:
-    """The transformer block class to shard and checkpoint: configured, else the model's own hint."""
-    if configured:
-        return configured
-    hints = getattr(model, "_no_split_modules", None) or []
-    if not hints:
+def block_class_name(model: torch.nn.Module, configured: str | None) -> str:
+    """The class name of the transformer blocks to shard, compile and checkpoint, as the model's modules bear it now.
+
+    `configured` (model.block_name), else transformers' hint `_no_split_modules`: a list on the class,
+    a set (of every submodule's hints) on an instance since transformers 5.25. Of the hinted classes
+    present, the block is the one that repeats most (one per layer); ties go to the first name
+    alphabetically, so the choice never depends on set order. FSDP2 renames each sharded module's
+    class to FSDP<name>, so classes are matched by ancestry and the block named as it is now.
+    """
+    wanted = {configured} if configured else set(getattr(model, "_no_split_modules", None) or ())
+    present = Counter(
+        type(module).__name__
+        for module in model.modules()
+        if any(cls.__name__ in wanted for cls in type(module).__mro__)
+    )
+    if configured and not present:
+        return configured  # the caller reports that no module has this class
+    if not present:
         raise ModelLoadError(
-            f"Cannot tell the transformer block class of {type(model).__name__}; set model.block_name."
+            f"Cannot tell the transformer block class of {type(model).__name__} (its _no_split_modules: "
+            f"{sorted(wanted) or 'none'}); set model.block_name to the class of its decoder layers."
         )
-    return hints[0]
+    return min(present, key=lambda name: (-present[name], name))

@@ -22,7 +22,7 @@ import console
 import lora
 from batching import training_order
 from models import weights_fingerprint
-from tokenization import TokenizedExamples
+from tokenized_examples import TokenizedExamples
 
 FORMAT = 2  # 2: summed log-probs (length averaging, where a loss wants it, happens in the loss)
 SPLITS = ("train", "eval")

@@ -3,11 +3,15 @@
 A cluster preempts a job with SIGTERM (Slurm also sends SIGUSR1 ahead of a time limit with
 `--signal=USR1@<seconds>`). The trainer then finishes its current optimizer step, writes a
 resumable checkpoint `step-N` and exits with EXIT_PREEMPTED; resubmitting the same command
-with `resume_from=auto` continues from that checkpoint. A step whose gradient norm or loss is
+with `resume_from=auto` continues from that checkpoint. Ctrl-C (SIGINT) does the same the first
+time; a second Ctrl-C stops at once (KeyboardInterrupt, exit 130), losing the step in progress.
+Before the training loop (loading data and models, precomputing) there is nothing to save, so
+these signals stop the run at once with a message and EXIT_PREEMPTED. A step whose gradient norm or loss is
 not finite stops the run instead (before the optimizer applies it), naming the last good checkpoint.
 """
 
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -17,7 +21,8 @@ import torch.distributed as dist
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL of sysexits.h: a temporary failure, try again (resume_from=auto)
 EXIT_NON_FINITE = 3
 EXIT_CODES = (EXIT_PREEMPTED, EXIT_NON_FINITE)
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: a second Ctrl-C, as a shell reports it
 
 
 class RunStopped(Exception):
@@ -38,6 +43,18 @@ class Preempted(RunStopped):
         )
 
 
+class StoppedBeforeTraining(RunStopped):
+    """A preemption signal (or Ctrl-C) arrived before the training loop: nothing was trained, nothing to save."""
+
+    exit_code = EXIT_PREEMPTED
+
+    def __init__(self, signal_name: str):
+        super().__init__(
+            f"{signal_name} received before training started (while loading or preparing); nothing was trained "
+            "since the last checkpoint, if any. Run the same command (with resume_from=auto) to start again."
+        )
+
+
 class NonFiniteStepError(RunStopped):
     """A step's loss or gradient norm was NaN or infinite; the optimizer did not apply it."""
 
@@ -52,9 +69,14 @@ class NonFiniteStepError(RunStopped):
 
 
 class PreemptionSignals:
-    """Remembers whether SIGTERM or SIGUSR1 arrived between `install()` and `restore()`, instead of dying."""
+    """Remembers whether SIGTERM, SIGUSR1 or SIGINT arrived between `install()` and `restore()`, instead of dying.
 
-    def __init__(self) -> None:
+    `at_once`: raise StoppedBeforeTraining from the handler instead (for the time before the training
+    loop, whose own PreemptionSignals replace these while it runs). A second SIGINT always stops at once.
+    """
+
+    def __init__(self, at_once: bool = False) -> None:
+        self.at_once = at_once
         self.received: str | None = None
         self._previous: dict[int, object] = {}
 
@@ -70,7 +92,19 @@ class PreemptionSignals:
         self._previous = {}
 
     def _handle(self, signum: int, frame) -> None:
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.at_once:
+            raise StoppedBeforeTraining(name)
+        if signum == signal.SIGINT and self.received == name:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        if signum == signal.SIGINT:
+            print(
+                "\nCtrl-C: finishing the step in progress, then saving a checkpoint and stopping "
+                "(press Ctrl-C again to stop at once and lose it)",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.received = self.received or name
 
 
 def any_rank_requests(requested: bool, device: torch.device, distributed: bool) -> bool:

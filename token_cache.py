@@ -39,6 +39,7 @@ CODE_MODULES = (
     "conversations",
     "data_sources",
     "tokenization",
+    "tokenized_examples",
     "token_cache",
     "embedded",
     "chat_templates",

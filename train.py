@@ -27,11 +27,12 @@ from config_checks import validate_config
 from dataset_loading import register_config_schema
 from errors import USER_ERRORS, ConfigError, DatasetError
 from loss_registry import LossSpec
-from models import block_class_name, load_model, load_tokenizer
+from models import block_class_name, check_model_matches, load_model, load_tokenizer
 from reference import AdapterOff, CachedReference, NoReference, PrecomputeReference, Reference, ReferenceModel
 from reference_logps import ReferencePlan
 from run_log import check_run_dir_shared, make_run_dir, save_config
-from tokenization import TokenizedExamples, TokenizeSettings, tokenize_datasets
+from tokenization import TokenizeSettings, tokenize_datasets
+from tokenized_examples import TokenizedExamples
 from trainers import TRAINERS, BasicTrainer
 from utils import free_port, raise_open_files_limit, resolve_device, seed_everything
 
@@ -141,6 +142,7 @@ def build_trainer(
     loss = LossSpec.from_config(config.loss)
     trainer_class = TRAINERS[config.trainer]
     tokenizer = load_tokenizer(config.model)
+    check_model_matches(policy_model_config(config), tokenizer, config.max_length)  # configs only: before weights
     set_chat_template(tokenizer, config.chat_template)  # conversational data and sampling both use it
     data_parallel = trainer_class.data_parallel_size(world_size)
     train_examples, eval_examples = load_examples(config, loss, tokenizer, data_parallel)
@@ -176,6 +178,8 @@ def train_worker(rank: int, world_size: int, config: DictConfig, run_dir: Path |
         # processes sharing this machine's cores would otherwise each start one thread per core
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
     seed_everything(config.seed)
+    signals_before_training = stopping.PreemptionSignals(at_once=True)  # the training loop installs its own
+    signals_before_training.install()
     try:
         if dist.is_initialized():
             check_run_dir_shared(run_dir, device)  # before any weights load, on every rank at once
@@ -186,7 +190,12 @@ def train_worker(rank: int, world_size: int, config: DictConfig, run_dir: Path |
     except stopping.RunStopped as stop:  # preempted (exit code 75) or a non-finite step (3): see stopping.py
         print(f"{'stopped' if rank == 0 else f'rank {rank} stopped'}: {stop}", file=sys.stderr, flush=True)
         sys.exit(stop.exit_code)
+    except KeyboardInterrupt:  # a second Ctrl-C (stopping.PreemptionSignals)
+        print("stopped at once by a second Ctrl-C; resume_from=auto continues from the last checkpoint",
+              file=sys.stderr, flush=True)  # fmt: skip
+        sys.exit(stopping.EXIT_INTERRUPTED)
     finally:
+        signals_before_training.restore()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -173,10 +173,14 @@ class PairwiseLLMJudge:
             options["max_tokens"] = settings.max_tokens
 
         def request() -> str:
-            completion = self.client.chat.completions.create(
-                model=settings.model, messages=[{"role": "user", "content": self.fill(*texts)}], **options
-            )
-            return completion.choices[0].message.content or ""
+            messages = [{"role": "user", "content": self.fill(*texts)}]
+            try:
+                completion = self.client.chat.completions.create(model=settings.model, messages=messages, **options)
+                return completion.choices[0].message.content or ""
+            except (ValueError, TypeError, AttributeError, IndexError) as error:  # a 200 that is no chat completion
+                raise RequestRefused(
+                    f"the answer is not a chat completion ({type(error).__name__}: {error})"
+                ) from error
 
         what = f"judge request to {settings.base_url}"
         try:

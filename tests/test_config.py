@@ -116,7 +116,7 @@ def test_resume_needs_a_checkpoint_of_the_same_kind_of_trainer(tmp_path):
     # the trainer state a resume compares its settings with (checkpoints.resume_config_problems)
     saved_config = OmegaConf.to_container(compose_config([]), resolve=True)
     torch.save({"examples_seen": 0, "config": saved_config}, tmp_path / "trainer_state.pt")
-    (tmp_path / "optimizer.pt").write_bytes(b"")  # what a BasicTrainer run saves
+    torch.save({}, tmp_path / "optimizer.pt")  # what a BasicTrainer run saves
     validate_config(compose_config([f"resume_from={tmp_path}"]), world_size=1)
     with pytest.raises(ConfigError, match="resume_from=.*missing optimizer"):
         validate_config(compose_config([f"resume_from={tmp_path}", "trainer=FSDPTrainer"]), world_size=1)

@@ -30,8 +30,8 @@ from errors import ConfigError
 def write_fake_checkpoint(folder: Path, examples_seen: int, config=None, world_size: int = 1) -> Path:
     """A complete checkpoint folder as far as resuming checks: the files, and a trainer state."""
     folder.mkdir(parents=True)
-    for name in (checkpoints.MODEL_CONFIG_FILE, checkpoints.OPTIMIZER_FILE):
-        (folder / name).write_text("{}")
+    (folder / checkpoints.MODEL_CONFIG_FILE).write_text("{}")
+    torch.save({}, folder / checkpoints.OPTIMIZER_FILE)
     config = config if config is not None else compose_config([])
     config = OmegaConf.to_container(config, resolve=True)
     state = {"examples_seen": examples_seen, "world_size": world_size, "config": config}

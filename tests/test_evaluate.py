@@ -42,7 +42,8 @@ class JudgeServer:
     """Chat completions and completions on 127.0.0.1, deterministic; the `model` field picks the behaviour.
 
     Judge models (chat completions): always-a (position bias: always "Verdict: A"), prefer-longer (the longer
-    reply of our dialogue template wins, equal lengths tie), garbage (no verdict), flaky (429, then
+    reply of our dialogue template wins, equal lengths tie), garbage (no verdict), not-json (a 200 that is
+    no chat completion), flaky (429, then
     500, then prefer-longer's answer, counted per distinct message). Generator model (either endpoint):
     half-right answers the embedded task's prompt correctly when its first listed number is even.
     """
@@ -100,6 +101,8 @@ class JudgeServer:
             return 200, completion("Both are fine, A reads first.\nVerdict: A", "chat.completion")
         if model == "garbage":
             return 200, completion("I cannot choose between these.", "chat.completion")
+        if model == "not-json":
+            return 200, {"unexpected": "no choices"}
         reply_a, reply_b = _REPLY.search(content).groups()
         verdict = "A" if len(reply_a) > len(reply_b) else "B" if len(reply_b) > len(reply_a) else "tie"
         return 200, completion(f"Longer is better.\nVerdict: {verdict}", "chat.completion")
@@ -327,6 +330,10 @@ def test_llm_judge_unreadable_replies_are_invalid_never_wins(folders, server, tm
     assert summary["win_rate"] is None and summary["wins"] == summary["ties"] == summary["losses"] == 0
     record = read_jsonl(tmp_path / "out" / "judgments.jsonl")[0]
     assert record["verdicts"][0]["verdict"] is None and "cannot choose" in record["verdicts"][0]["reply"]
+    broken = PairwiseLLMJudge(judge_settings(server, "not-json", tmp_path / "cache2.jsonl"), seed=0)
+    judgments = broken(synthetic_comparisons(PAIRS[:1]))
+    assert judgments[0].preference is None and "not a chat completion" in judgments[0].verdicts[0]["reply"]
+    assert not (tmp_path / "cache2.jsonl").exists()  # refusals are asked again next time, not cached
 
 
 def test_llm_judge_evaluation_and_a_rerun_that_sends_no_request(folders, server, tmp_path):
@@ -535,3 +542,17 @@ def test_a_lora_checkpoint_is_merged_into_its_runs_base(folders, tmp_path):
     assert (summary["win_rate"], summary["ties"]) == (0.5, N_PROMPTS)
     records = read_jsonl(tmp_path / "out" / "judgments.jsonl")
     assert all(r["policy"] == r["baseline"] for r in records)
+
+
+def test_every_evaluate_command_in_the_readme_composes():
+    import shlex
+
+    section = (REPO_ROOT / "README.md").read_text().split("## Evaluating a run", 1)[1].split("\n## ", 1)[0]
+    lines = re.sub(r"<[^>]*>", "x", section.replace("\\\n", " ")).splitlines()  # <dpo run> placeholders
+    commands = [shlex.split(line)[2:] for line in lines if line.startswith("python evaluate.py")]
+    assert len(commands) >= 6
+    for overrides in commands:
+        config = compose_config_for_evaluate(overrides)
+        assert config.judge.name in ("openai", "reward_model", "rule")
+    for path in re.findall(r"config/judge_prompts/\w+\.txt", section):
+        assert (REPO_ROOT / path).is_file(), path

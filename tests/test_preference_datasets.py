@@ -37,7 +37,8 @@ from dataset_files import load_preference_file
 from dataset_loading import get_dataset, truncation_mode_for
 from dataset_registry import register_dataset
 from errors import DatasetError
-from tokenization import TokenizedExamples, TokenizeSettings, tokenize_datasets, tokenize_element
+from tokenization import TokenizeSettings, tokenize_datasets, tokenize_element
+from tokenized_examples import TokenizedExamples
 
 
 @pytest.fixture(scope="module")
