@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from errors import DatasetError
-from losses import IGNORE_INDEX
+from logprobs import IGNORE_INDEX
 
 
 def ceil_div(numerator: int, denominator: int) -> int:
@@ -109,6 +109,17 @@ def _pad(sequences: list[list[int]], length: int, value: int, left: bool = False
             else:
                 padded[row, : len(sequence)] = values
     return padded
+
+
+def score_offset(input_ids: list[int], pad_token_id: int) -> int:
+    """Where a reward model reads a sequence's score: the index of its last token that is not the pad token.
+
+    (transformers' AutoModelForSequenceClassification reads it there; a sequence of pad tokens only: its last.)
+    """
+    for offset in range(len(input_ids) - 1, -1, -1):
+        if input_ids[offset] != pad_token_id:
+            return offset
+    return len(input_ids) - 1
 
 
 def padded_batch(input_ids: list[list[int]], labels: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -11,13 +11,13 @@ from chat_templates import chat_template_problem
 from checkpoints import AUTO, archive_problem, resume_config_problems, resume_problem
 from dataset_loading import dataset_config_problems
 from errors import ConfigError
-from losses import LossSpec, loss_config_problems, loss_config_warnings
+from loss_registry import LossSpec, loss_config_problems, loss_config_warnings
 from models import local_model_problem
 from optimization import optimization_problems
 from tokenization import length_problem
-from utils import DTYPES, data_parallel_size
+from trainers import TRAINERS, BasicTrainer
+from utils import DTYPES
 
-TRAINERS = ("BasicTrainer", "FSDPTrainer", "TensorParallelTrainer")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
 
 
@@ -162,23 +162,21 @@ def _check_model(model: DictConfig, problems: list[str]) -> None:
             problems.append(problem)
 
 
-def _check_resume(config: DictConfig, world_size: int, problems: list[str]) -> None:
+def _check_resume(config: DictConfig, trainer: type[BasicTrainer], world_size: int, problems: list[str]) -> None:
     if config.resume_from is None:
         return
     if config.resume_from == AUTO:
         problems.append("resume_from=auto reached validation unresolved: train.py's main() resolves it first.")
         return
-    problem = resume_problem(
-        Path(config.resume_from), config.trainer != "BasicTrainer", config.trainer, lora=config.lora.enabled
-    )
+    problem = resume_problem(Path(config.resume_from), trainer.multi_process, config.trainer, lora=config.lora.enabled)
     if problem:
         problems.append(problem)
     else:
         problems += resume_config_problems(Path(config.resume_from), config, world_size)
 
 
-def _check_batches(config: DictConfig, world_size: int, problems: list[str]) -> None:
-    data_parallel = data_parallel_size(config.trainer, world_size)
+def _check_batches(config: DictConfig, trainer: type[BasicTrainer], world_size: int, problems: list[str]) -> None:
+    data_parallel = trainer.data_parallel_size(world_size)
     micro_batches = config.gradient_accumulation_steps * data_parallel
     if config.batch_size > 0 and config.gradient_accumulation_steps > 0 and config.batch_size % micro_batches:
         problems.append(
@@ -264,9 +262,11 @@ def validate_config(config: DictConfig, world_size: int, declared: DictConfig | 
         _check_float16(config, problems)
         _check_lengths_of_run(config, problems)
         _check_model(config.model, problems)
-        problems += lora.config_problems(config)
-        _check_resume(config, world_size, problems)
-        _check_batches(config, world_size, problems)
+        trainer = TRAINERS.get(config.trainer)
+        if trainer is not None:  # else _check_values has named the choices
+            problems += lora.config_problems(config, trainer)
+            _check_resume(config, trainer, world_size, problems)
+            _check_batches(config, trainer, world_size, problems)
         _check_datasets(config, problems)
     except (TypeError, ValueError):
         # a value check compared text with a number: the wrong type is reported above, and the

@@ -21,4 +21,8 @@ class ModelLoadError(RuntimeError):
     """A model or tokenizer could not be loaded; the message says how to fix it."""
 
 
-USER_ERRORS = (ConfigError, DatasetError, ModelLoadError)
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, folder unwritable); every rank stops with it."""
+
+
+USER_ERRORS = (ConfigError, DatasetError, ModelLoadError, CheckpointWriteError)

@@ -25,8 +25,12 @@ from errors import ModelLoadError
 ADAPTER = "default"  # peft's name for the one adapter a run trains
 
 
-def config_problems(config: DictConfig) -> list[str]:
-    """Everything wrong with the `lora` settings, before any weights load (empty when lora.enabled is false)."""
+def config_problems(config: DictConfig, trainer: type) -> list[str]:
+    """Everything wrong with the `lora` settings, before any weights load (empty when lora.enabled is false).
+
+    `trainer` is the trainer class config.trainer names (trainers.TRAINERS): its supports_lora and
+    supports_4bit say what it can train.
+    """
     settings = config.lora
     if not settings.enabled:
         if settings.load_in_4bit:
@@ -47,17 +51,17 @@ def config_problems(config: DictConfig) -> list[str]:
         problems.append(
             "lora.target_modules=[]: name at least one module, or null for every linear layer of the blocks."
         )
-    if config.trainer == "TensorParallelTrainer":
+    if not trainer.supports_lora:
         problems.append(
-            "lora.enabled=true with trainer=TensorParallelTrainer: not supported (the tensor-parallel plan splits "
+            f"lora.enabled=true with trainer={config.trainer}: not supported (the tensor-parallel plan splits "
             "the linear layers that LoRA wraps). Use trainer=FSDPTrainer (it shards the frozen base) or BasicTrainer."
         )
     if settings.load_in_4bit:
-        problems += _four_bit_problems(config)
+        problems += _four_bit_problems(config, trainer)
     return problems
 
 
-def _four_bit_problems(config: DictConfig) -> list[str]:
+def _four_bit_problems(config: DictConfig, trainer: type) -> list[str]:
     problems = []
     if not torch.cuda.is_available() or config.device == "cpu":
         problems.append("lora.load_in_4bit=true: 4-bit (NF4) weights need a CUDA GPU; on this machine use false.")
@@ -65,7 +69,7 @@ def _four_bit_problems(config: DictConfig) -> list[str]:
         problems.append("lora.load_in_4bit=true needs the bitsandbytes package: pip install bitsandbytes.")
     if config.model.from_scratch is not None:
         problems.append("lora.load_in_4bit=true quantizes pretrained weights; model.from_scratch builds fresh ones.")
-    if config.trainer != "BasicTrainer":
+    if not trainer.supports_4bit:
         problems.append(f"lora.load_in_4bit=true runs with trainer=BasicTrainer only, not trainer={config.trainer}.")
     return problems
 
@@ -130,7 +134,13 @@ def _check_not_tied(model: PreTrainedModel, modules_to_save: list[str]) -> None:
         )
 
 
-def add_adapter(model: PreTrainedModel, config: DictConfig, block_name: str, resume_dir: Path | None) -> PeftModel:
+# peft's task type by models.MODEL_CLASSES head: a sequence classifier's score head is trained in full and saved
+TASK_TYPES = {"causal_lm": "CAUSAL_LM", "reward": "SEQ_CLS"}
+
+
+def add_adapter(
+    model: PreTrainedModel, config: DictConfig, block_name: str, resume_dir: Path | None, head: str = "causal_lm"
+) -> PeftModel:
     """The policy: `model` frozen, with trainable adapters (fresh, or a resumed run's from `resume_dir`)."""
     settings = config.lora
     targets = list(settings.target_modules or block_linear_names(model, block_name))
@@ -150,7 +160,7 @@ def add_adapter(model: PreTrainedModel, config: DictConfig, block_name: str, res
         target_modules=targets,
         modules_to_save=modules_to_save or None,
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=TASK_TYPES[head],
     )
     return get_peft_model(model, lora_config, adapter_name=ADAPTER)
 

@@ -8,7 +8,13 @@ from pathlib import Path
 import torch
 import transformers
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
 import checkpoints
 import embedded
@@ -93,15 +99,26 @@ def _from_scratch_config(model_config: DictConfig, tokenizer, max_length: int) -
     )
 
 
+# What a model computes, by `head`: next-token logits (policies, references), or one score per
+# sequence (reward models: a linear head with one output, read at the sequence's last token)
+MODEL_CLASSES = {"causal_lm": AutoModelForCausalLM, "reward": AutoModelForSequenceClassification}
+
+
+def _with_head(config: transformers.PretrainedConfig, head: str) -> transformers.PretrainedConfig:
+    if head == "reward":
+        config.num_labels = 1
+    return config
+
+
 def _load_pretrained(
-    source: str, model_config: DictConfig, dtype: torch.dtype, load_in_4bit: bool = False
+    source: str, model_config: DictConfig, dtype: torch.dtype, load_in_4bit: bool = False, head: str = "causal_lm"
 ) -> PreTrainedModel:
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=model_config.trust_remote_code)
         _zero_dropout(config)
-        return AutoModelForCausalLM.from_pretrained(
+        return MODEL_CLASSES[head].from_pretrained(
             source,
-            config=config,
+            config=_with_head(config, head),
             dtype=dtype,
             attn_implementation=model_config.attn_implementation,
             trust_remote_code=model_config.trust_remote_code,
@@ -198,26 +215,33 @@ def _load_reference_scripts_archive(model: PreTrainedModel, path: Path) -> None:
 
 
 def load_model(
-    model_config: DictConfig, dtype_name: str, tokenizer, max_length: int, seed: int, load_in_4bit: bool = False
+    model_config: DictConfig,
+    dtype_name: str,
+    tokenizer,
+    max_length: int,
+    seed: int,
+    load_in_4bit: bool = False,
+    head: str = "causal_lm",
 ) -> PreTrainedModel:
     """The policy or reference model: an earlier stage's checkpoint, pretrained weights, or fresh weights.
 
-    Models built from scratch draw their weights from `seed`, so two calls give the same model.
-    An archive holding only a LoRA adapter (a LoRA run's step-N) is merged into the base weights.
-    `load_in_4bit`: the frozen base of QLoRA, in NF4 on the GPU (lora.load_in_4bit).
+    Models built from scratch draw their weights from `seed`, so two calls give the same model;
+    so does a reward model's new score head (`head="reward"`, see MODEL_CLASSES) on pretrained
+    or SFT weights. An archive holding only a LoRA adapter (a LoRA run's step-N) is merged into
+    the base weights. `load_in_4bit`: the frozen base of QLoRA, in NF4 on the GPU (lora.load_in_4bit).
     """
     dtype = DTYPES[dtype_name]
     archive = Path(model_config.archive) if model_config.archive else None
-    if archive is not None and (archive / checkpoints.MODEL_CONFIG_FILE).is_file():
-        model = _load_pretrained(str(archive), model_config, dtype, load_in_4bit)
-    elif model_config.from_scratch is not None:
-        config = _from_scratch_config(model_config, tokenizer, max_length)
-        config._attn_implementation = model_config.attn_implementation or "sdpa"
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    else:
-        model = _load_pretrained(model_config.name_or_path, model_config, dtype, load_in_4bit)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if archive is not None and (archive / checkpoints.MODEL_CONFIG_FILE).is_file():
+            model = _load_pretrained(str(archive), model_config, dtype, load_in_4bit, head)
+        elif model_config.from_scratch is not None:
+            config = _with_head(_from_scratch_config(model_config, tokenizer, max_length), head)
+            config._attn_implementation = model_config.attn_implementation or "sdpa"
+            model = MODEL_CLASSES[head].from_config(config, dtype=dtype)
+        else:
+            model = _load_pretrained(model_config.name_or_path, model_config, dtype, load_in_4bit, head)
     if archive is not None and archive.is_file():
         _load_reference_scripts_archive(model, archive)
     elif archive is not None and not (archive / checkpoints.MODEL_CONFIG_FILE).is_file():
@@ -226,7 +250,7 @@ def load_model(
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     model.config.pad_token_id = tokenizer.pad_token_id
-    if model.generation_config is not None:
+    if getattr(model, "generation_config", None) is not None:  # reward models generate nothing
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 

@@ -27,7 +27,8 @@ implementation. Flash attention takes no arbitrary mask at all; the probe
 import torch
 import torch.nn as nn
 
-from losses import IGNORE_INDEX, label_logps_chunked
+from batching import score_offset
+from logprobs import IGNORE_INDEX, label_logps_chunked
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # the part of its pair a row position holds (padding: PROMPT of pair -1)
 
@@ -52,7 +53,9 @@ def shared_prompt_batch(
       target_ids: (n_labelled,) those tokens;
       sequence_index: (n_labelled,) their sequence: i for pair i's chosen response, n_pairs + i for
         its rejected one, the order of the padded path (all chosen, then all rejected);
-      n_tokens: (2 * n_pairs,) labelled tokens per sequence, in that order.
+      n_tokens: (2 * n_pairs,) labelled tokens per sequence, in that order;
+      score_index: (2 * n_pairs,) the flat index of the position a reward model's score of each
+        sequence is read at (its last token that is not the pad token; reward_scores.py), same order.
     """
     if not examples:
         raise ValueError("shared_prompt_batch got no pairs: a batch needs at least one.")
@@ -60,7 +63,7 @@ def shared_prompt_batch(
         raise ValueError(
             "pad_token_id is None: the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its EOS token)."
         )
-    segments = [_pair_segment(example, index) for index, example in enumerate(examples)]
+    segments = [_pair_segment(example, index, pad_token_id) for index, example in enumerate(examples)]
     lengths = [len(segment["input_ids"]) for segment in segments]
     rows = [[index] for index in range(len(examples))] if row_tokens is None else _first_fit(lengths, row_tokens)
     width = max(sum(lengths[index] for index in members) for members in rows)
@@ -70,6 +73,7 @@ def shared_prompt_batch(
     pair_ids = torch.full(shape, -1, dtype=torch.long)
     parts = torch.full(shape, PROMPT, dtype=torch.long)
     predictors, targets, owners = [], [], []
+    score_index = torch.zeros(2 * len(examples), dtype=torch.long)
     for row, members in enumerate(rows):
         start = 0
         for index in members:
@@ -80,6 +84,7 @@ def shared_prompt_batch(
             pair_ids[row, columns] = index
             parts[row, columns] = segment["parts"]
             for side, owner in (("chosen", index), ("rejected", len(examples) + index)):
+                score_index[owner] = row * width + start + segment[f"{side}_score_offset"]
                 predictors.append(row * width + start + segment[f"{side}_predictors"])
                 targets.append(segment[f"{side}_targets"])
                 owners.append(torch.full_like(targets[-1], owner))
@@ -93,15 +98,17 @@ def shared_prompt_batch(
         "target_ids": torch.cat(targets),
         "sequence_index": sequence_index,
         "n_tokens": torch.bincount(sequence_index, minlength=2 * len(examples)),
+        "score_index": score_index,
     }
 
 
-def _pair_segment(example: dict, index: int) -> dict[str, torch.Tensor]:
+def _pair_segment(example: dict, index: int, pad_token_id: int) -> dict[str, torch.Tensor]:
     """Pair `index` as one segment `prompt, chosen, rejected`: its row contents and labelled positions.
 
     Returns input_ids, position_ids and parts, each (segment_length,), and for each side
     {side}_predictors (offsets in the segment of the positions that predict its labelled
-    tokens) and {side}_targets (those tokens), each (labelled tokens of the side,).
+    tokens), {side}_targets (those tokens), each (labelled tokens of the side,), and
+    {side}_score_offset (the offset of the token a reward model's score is read at).
     """
     prompt = example["prompt_input_ids"]
     n_prompt = len(prompt)
@@ -131,6 +138,8 @@ def _pair_segment(example: dict, index: int) -> dict[str, torch.Tensor]:
         predicted = (labels[1:] != IGNORE_INDEX).nonzero().squeeze(1)
         segment[f"{side}_predictors"] = torch.where(predicted >= n_prompt, predicted + shift, predicted)
         segment[f"{side}_targets"] = labels[1:][predicted]
+        read_at = score_offset(example[f"{side}_input_ids"], pad_token_id)
+        segment[f"{side}_score_offset"] = read_at + shift if read_at >= n_prompt else read_at
     return segment
 
 
@@ -183,7 +192,7 @@ def shared_prompt_logps(
 
     With chunk_tokens the model returns its last hidden states (and the logits of one position
     only), and only the predictor positions reach the output projection, chunk_tokens rows at
-    a time (losses.label_logps_chunked). Without it, log_softmax runs in float32 on the full
+    a time (logprobs.label_logps_chunked). Without it, log_softmax runs in float32 on the full
     logits' predictor positions only.
 
     Returns (logps, n_tokens), both (2 * n_pairs,): summed (or, with average, length-averaged)
@@ -215,6 +224,17 @@ def shared_prompt_logps(
 
 
 @torch.no_grad()
+def mask_unsupported_reason(model: nn.Module, max_length: int) -> str | None:
+    """Why the model's attention cannot take the prefix-shared mask, known from its config alone; None if it may."""
+    implementation = model.config._attn_implementation
+    if "flash" in implementation or "paged" in implementation:
+        return f"{implementation} attention takes no arbitrary mask"
+    window = getattr(model.config, "sliding_window", None)
+    if window is not None and window < max_length:
+        return f"its sliding window of {window} tokens is shorter than max_length={max_length}"
+    return None
+
+
 def attention_accepts_shared_prompt_mask(model: nn.Module, max_length: int) -> bool:
     """Whether the model computes on a shared-prompt batch what it computes on the two sequences apart.
 
@@ -230,11 +250,7 @@ def attention_accepts_shared_prompt_mask(model: nn.Module, max_length: int) -> b
     0.01-0.15 in the tests' random ones. The tolerance is 1e-4 nats per token in float32 and
     0.05 in 16-bit weights, where a random model's error can go unnoticed but a trained one's cannot.
     """
-    implementation = model.config._attn_implementation
-    if "flash" in implementation or "paged" in implementation:
-        return False
-    window = getattr(model.config, "sliding_window", None)
-    if window is not None and window < max_length:
+    if mask_unsupported_reason(model, max_length) is not None:
         return False
     embeddings = model.get_input_embeddings()
     tolerance = 1e-4 if embeddings.weight.dtype in (torch.float32, torch.float64) else 5e-2

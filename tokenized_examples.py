@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from losses import IGNORE_INDEX
+from logprobs import IGNORE_INDEX
 from token_cache import POINTS_INTO
 
 

@@ -22,25 +22,19 @@ import checkpoints
 import console
 import lora
 import stopping
-import trainers
 from chat_templates import set_chat_template
 from config_checks import validate_config
 from dataset_loading import register_config_schema
 from errors import USER_ERRORS, ConfigError, DatasetError
-from losses import LossSpec
+from loss_registry import LossSpec
 from models import block_class_name, check_model_matches, load_model, load_tokenizer
+from reference import AdapterOff, CachedReference, NoReference, PrecomputeReference, Reference, ReferenceModel
 from reference_logps import ReferencePlan
 from run_log import check_run_dir_shared, make_run_dir, save_config
 from tokenization import TokenizeSettings, tokenize_datasets
 from tokenized_examples import TokenizedExamples
-from utils import (
-    data_parallel_size,
-    free_port,
-    raise_open_files_limit,
-    resolve_device,
-    seed_everything,
-    world_size_from_environment,
-)
+from trainers import TRAINERS, BasicTrainer
+from utils import free_port, raise_open_files_limit, resolve_device, seed_everything
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
 register_config_schema()  # before any config is composed: dataset_paths/dataset_options take any dataset's name
@@ -54,7 +48,9 @@ def compose_config(overrides: list[str]) -> DictConfig:
         return compose(config_name="config", overrides=overrides)
 
 
-def load_examples(config: DictConfig, tokenizer, data_parallel: int = 1) -> tuple[TokenizedExamples, TokenizedExamples]:
+def load_examples(
+    config: DictConfig, loss: LossSpec, tokenizer, data_parallel: int = 1
+) -> tuple[TokenizedExamples, TokenizedExamples]:
     """Tokenized train and eval examples.
 
     Eval is a fixed random subset of n_eval_examples, trimmed to a multiple of the data-parallel
@@ -62,7 +58,7 @@ def load_examples(config: DictConfig, tokenizer, data_parallel: int = 1) -> tupl
     reference log-probs cache among it) sees this one eval set.
     """
     splits = {}
-    settings = TokenizeSettings.from_config(config, sft_mode=not LossSpec.from_config(config.loss).is_preference)
+    settings = TokenizeSettings.from_config(config, sft_mode=not loss.is_preference)
     for split in ("train", "test"):
         examples, n_dropped = tokenize_datasets(list(config.datasets), split, tokenizer, settings)
         console.say(f"{split}: {len(examples)} examples; dropped {n_dropped} pairs with nothing to train on")
@@ -94,75 +90,78 @@ def policy_model_config(config: DictConfig) -> DictConfig:
     return OmegaConf.merge(config.model, {"archive": config.resume_from})
 
 
-def load_models(config: DictConfig, tokenizer, load_reference: bool) -> tuple[PreTrainedModel, PreTrainedModel | None]:
-    """The policy and, when asked, the reference model (both from model.archive or the pretrained weights).
+def load_policy(config: DictConfig, loss: LossSpec, tokenizer) -> PreTrainedModel:
+    """The model trained (from model.archive or the pretrained weights); with lora.enabled the base with adapters.
 
-    With lora.enabled the policy is the base with adapters (fresh, or the resumed run's).
+    A language model, or for loss=reward the same architecture with a score head (loss.head).
+    A resumed LoRA run starts from the same base as before; its adapter comes from the checkpoint.
     """
-    model = config.model
     policy = load_model(
-        policy_model_config(config), model.policy_dtype, tokenizer, config.max_length, config.seed,
-        load_in_4bit=config.lora.load_in_4bit,
+        policy_model_config(config), config.model.policy_dtype, tokenizer, config.max_length, config.seed,
+        load_in_4bit=config.lora.load_in_4bit, head=loss.head,
     )  # fmt: skip
     if config.lora.enabled:
         resume_dir = None if config.resume_from is None else checkpoints.adapter_dir(Path(config.resume_from))
-        policy = lora.add_adapter(policy, config, block_class_name(policy, model.block_name), resume_dir)
-    reference = None
-    if load_reference:
-        reference = load_model(model, model.reference_dtype, tokenizer, config.max_length, config.seed)
-    return policy, reference
+        block = block_class_name(policy, config.model.block_name)
+        policy = lora.add_adapter(policy, config, block, resume_dir, loss.head)
+    return policy
 
 
-def plan_reference(
-    config: DictConfig, loss: LossSpec, train_examples, eval_examples, is_main: bool
-) -> ReferencePlan | None:
-    """The one decision about reference log-probs: None (live, or no reference), or what to precompute.
+def load_reference_model(config: DictConfig, tokenizer) -> PreTrainedModel:
+    """A frozen copy of the policy's starting weights (model.archive or the pretrained weights)."""
+    model = config.model
+    return load_model(model, model.reference_dtype, tokenizer, config.max_length, config.seed)
 
-    A plan that found every table in the cache means no reference model is loaded at all.
+
+def choose_reference(config: DictConfig, loss: LossSpec, tokenizer, train_examples, eval_examples) -> Reference:
+    """The one decision about the reference (reference.py), made before any reference weights load.
+
+    None for reference-free losses. Otherwise the model that computes as the reference: the LoRA
+    policy with its adapter off (never a second model), else a reference model; with
+    precompute_ref_logps it scores the run's examples once, unless the cache already holds them,
+    in which case no reference model is loaded at all.
     """
-    if not (loss.uses_reference and config.precompute_ref_logps):
-        return None
-    plan = ReferencePlan.for_run(config, train_examples, eval_examples)
-    plan.load_cached(announce=is_main)
-    return plan
+    if not loss.uses_reference:
+        return NoReference()
+    plan = None
+    if config.precompute_ref_logps:
+        param_dtype_key = TRAINERS[config.trainer].param_dtype_key  # e.g. FSDP's mixed precision
+        param_dtype = None if param_dtype_key is None else OmegaConf.select(config, param_dtype_key)
+        plan = ReferencePlan.for_run(config, train_examples, eval_examples, param_dtype)
+        tables = plan.load_cached()
+        if tables is not None:
+            return CachedReference(tables)
+    scorer = AdapterOff() if config.lora.enabled else ReferenceModel(load_reference_model(config, tokenizer))
+    return scorer if plan is None else PrecomputeReference(plan, scorer)
 
 
 def build_trainer(
     config: DictConfig, run_dir: Path | None, device: torch.device, rank: int, world_size: int
-) -> trainers.BasicTrainer:
+) -> BasicTrainer:
     """Load data and models as the run needs them and build its trainer (nothing is trained yet)."""
-    is_main = rank == 0
     loss = LossSpec.from_config(config.loss)
+    trainer_class = TRAINERS[config.trainer]
     tokenizer = load_tokenizer(config.model)
     check_model_matches(policy_model_config(config), tokenizer, config.max_length)  # configs only: before weights
     set_chat_template(tokenizer, config.chat_template)  # conversational data and sampling both use it
-    data_parallel = data_parallel_size(config.trainer, world_size)
-    train_examples, eval_examples = load_examples(config, tokenizer, data_parallel)
-    reference_plan = plan_reference(config, loss, train_examples, eval_examples, is_main)
-    tables_cached = reference_plan is not None and reference_plan.tables is not None
-    # with LoRA the reference is the policy with its adapter off: never a second model
-    reference_is_adapter_off = loss.uses_reference and config.lora.enabled
-    load_reference = loss.uses_reference and not tables_cached and not reference_is_adapter_off
-    policy, reference_model = load_models(config, tokenizer, load_reference)
-    if is_main:
-        n_params = sum(p.numel() for p in policy.parameters())
-        n_trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-        reference = "the policy with its LoRA adapter off" if reference_is_adapter_off else reference_model is not None
-        print(
-            f"policy: {type(policy).__name__}, {n_params / 1e6:.1f}M parameters ({n_trainable / 1e6:.2f}M trained); "
-            f"reference model: {reference}",
-            flush=True,
-        )
-    trainer_class = getattr(trainers, config.trainer)
+    data_parallel = trainer_class.data_parallel_size(world_size)
+    train_examples, eval_examples = load_examples(config, loss, tokenizer, data_parallel)
+    policy = load_policy(config, loss, tokenizer)
+    reference = choose_reference(config, loss, tokenizer, train_examples, eval_examples)
+    n_params = sum(p.numel() for p in policy.parameters())
+    n_trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    console.say(
+        f"policy: {type(policy).__name__}, {n_params / 1e6:.1f}M parameters ({n_trainable / 1e6:.2f}M trained); "
+        f"reference model: {reference.description}"
+    )
     return trainer_class(
-        config, loss, policy, reference_model, reference_plan, tokenizer, train_examples, eval_examples, run_dir,
-        device, rank, world_size, reference_is_adapter_off=reference_is_adapter_off,
-    )  # fmt: skip
+        config, loss, policy, reference, tokenizer, train_examples, eval_examples, run_dir, device, rank, world_size
+    )
 
 
 def train_worker(rank: int, world_size: int, config: DictConfig, run_dir: Path | None) -> None:
     """Everything one process does: join the process group, build the trainer, train."""
-    if config.trainer != "BasicTrainer":
+    if TRAINERS[config.trainer].multi_process:
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
         use_cuda = resolve_device(config.device, local_rank).type == "cuda"
         if use_cuda:
@@ -225,7 +224,8 @@ def _names_group(override: str) -> bool:
 def main(config: DictConfig) -> None:
     OmegaConf.resolve(config)
     launched_by_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    world_size = world_size_from_environment(config.trainer)
+    trainer_class = TRAINERS.get(config.trainer)  # None: validate_config names the choices
+    world_size = trainer_class.processes_wanted() if trainer_class else 1
     config.resume_from, resume_note = checkpoints.resume_target(config.resume_from, config.local_dirs, config.exp_name)
     config.model.archive, archive_note = checkpoints.readable_setting("model.archive", config.model.archive)
     for note in (resume_note, archive_note):
@@ -250,7 +250,7 @@ def main(config: DictConfig) -> None:
             sys.exit(2)
         print(f"run folder: {run_dir}", flush=True)
 
-    if config.trainer == "BasicTrainer":
+    if not trainer_class.multi_process:
         if launched_by_torchrun and world_size > 1:
             print(
                 "error: BasicTrainer is single-process; "

@@ -1,6 +1,5 @@
-"""Process setup: dtypes by name, devices, world size, seeding, ports and file-handle limits."""
+"""Process setup: dtypes by name, devices, seeding, ports and file-handle limits."""
 
-import os
 import random
 import resource
 import socket
@@ -8,20 +7,6 @@ import socket
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def world_size_from_environment(trainer: str) -> int:
-    """Processes the run will have: torchrun's WORLD_SIZE, else one per local GPU (at least 1)."""
-    if "WORLD_SIZE" in os.environ:
-        return int(os.environ["WORLD_SIZE"])
-    if trainer == "BasicTrainer":
-        return 1
-    return max(torch.cuda.device_count(), 1)
-
-
-def data_parallel_size(trainer: str, world_size: int) -> int:
-    """Processes that see different data: every rank under FSDP; one under tensor parallel (all ranks share data)."""
-    return world_size if trainer == "FSDPTrainer" else 1
 
 
 def resolve_device(device: str, local_rank: int) -> torch.device:

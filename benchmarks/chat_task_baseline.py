@@ -30,7 +30,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from chat_task import KINDS, make_problems, preference_rows, rejected_answers, score_answer  # noqa: E402
-from losses import IGNORE_INDEX, preference_loss, sequence_logps  # noqa: E402
+from logprobs import IGNORE_INDEX, sequence_logps  # noqa: E402
+from losses import preference_loss  # noqa: E402
 
 DEFAULT_MODEL = REPO_ROOT / ".cache/dpo/models/SmolLM2-135M-Instruct"
 

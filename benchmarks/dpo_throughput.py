@@ -401,19 +401,18 @@ def run_ours(config, tokenizer, train_examples, eval_examples, args: argparse.Na
     import torch
 
     import trainers
-    from losses import LossSpec
-    from train import load_models, plan_reference
+    from loss_registry import LossSpec
+    from train import choose_reference, load_policy
 
     loss = LossSpec.from_config(config.loss)
-    plan = plan_reference(config, loss, train_examples, eval_examples, is_main=False)
-    policy, reference = load_models(config, tokenizer, load_reference=loss.uses_reference)
+    policy = load_policy(config, loss, tokenizer)
+    reference = choose_reference(config, loss, tokenizer, train_examples, eval_examples)
     setup_start = time.perf_counter()
     trainer = trainers.BasicTrainer(
         config,
         loss,
         policy,
         reference,
-        plan,
         tokenizer,
         train_examples,
         eval_examples,
@@ -438,7 +437,7 @@ def run_ours(config, tokenizer, train_examples, eval_examples, args: argparse.Na
         "useful_tokens": useful_tokens(timed),
         "layout": layout,
         "chunked": trainer.chunked_logps,
-        "reference": "live" if plan is None else "precomputed",
+        "reference": "precomputed" if config.precompute_ref_logps else "live",
     }
     if args.interleave:
         result["interleaved_bare_ratio"] = interleaved_bare_ratio(trainer, timed, config, tokenizer, args, layout)
@@ -493,9 +492,11 @@ class BareStep:
     def __init__(self, config, tokenizer, dtype: str):
         import torch
 
-        from train import load_models
+        from loss_registry import LossSpec
+        from train import load_policy, load_reference_model
 
-        self.policy, self.reference = load_models(config, tokenizer, load_reference=True)
+        self.policy = load_policy(config, LossSpec.from_config(config.loss), tokenizer)
+        self.reference = load_reference_model(config, tokenizer)
         self.reference.requires_grad_(False)
         self.reference.eval()
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
@@ -571,7 +572,8 @@ def run_trl(
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    from train import load_models
+    from loss_registry import LossSpec
+    from train import load_policy
 
     recorder = recorder or StepRecorder()
     collated = []  # (useful tokens, tokens with padding) of every batch TRL collates, in order
@@ -595,7 +597,7 @@ def run_trl(
 
     batches = batches_of(train_examples, config, args.warmup + args.steps)
     pairs = [pairs_by_prompt[e["prompt"]] for batch in batches for e in batch]
-    policy, _ = load_models(config, tokenizer, load_reference=False)
+    policy = load_policy(config, LossSpec.from_config(config.loss), tokenizer)
     trl_config = DPOConfig(
         output_dir=run_dir,
         seed=SEED,
@@ -667,6 +669,7 @@ def run_row_in(run_dir: str, row_name: str, args: argparse.Namespace) -> dict:
 
     import console
     from config_checks import validate_config
+    from loss_registry import LossSpec
     from train import compose_config, load_examples
 
     scenario, row = SCENARIOS[args.scenario], ROWS[row_name]
@@ -682,7 +685,7 @@ def run_row_in(run_dir: str, row_name: str, args: argparse.Namespace) -> dict:
     pairs_by_prompt = write_pairs(scenario, tokenizer, n_needed + n_needed // 10 + 2, data_file)  # 5% go to "test"
     validate_config(config, world_size=1)
     with console.silenced():
-        train_examples, eval_examples = load_examples(config, tokenizer)
+        train_examples, eval_examples = load_examples(config, LossSpec.from_config(config.loss), tokenizer)
     if row.side == "ours":
         result = run_ours(config, tokenizer, train_examples, eval_examples, args, run_dir)
     elif row.side == "bare":

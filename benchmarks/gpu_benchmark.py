@@ -205,10 +205,11 @@ def run_ours(config, args: argparse.Namespace, run_dir: str) -> dict:
     import torch.distributed as dist
 
     import train
+    from trainers import TRAINERS
     from utils import free_port, resolve_device, seed_everything
 
     device = resolve_device(config.device, 0)
-    if config.trainer == "FSDPTrainer":
+    if TRAINERS[config.trainer].multi_process:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         if device.type == "cuda":
@@ -239,13 +240,14 @@ def run_ours(config, args: argparse.Namespace, run_dir: str) -> dict:
 def run_trl(config, args: argparse.Namespace, scratch: Path, run_dir: str) -> dict:
     """Time TRL's DPOTrainer on the same pairs in the same order (dpo_throughput.run_trl, on config.device)."""
     import console
+    from loss_registry import LossSpec
     from models import load_tokenizer
     from train import load_examples
     from utils import resolve_device
 
     tokenizer = load_tokenizer(config.model)
     with console.silenced():
-        train_examples, _ = load_examples(config, tokenizer)
+        train_examples, _ = load_examples(config, LossSpec.from_config(config.loss), tokenizer)
     pairs = [json.loads(line) for line in (scratch / "pairs.jsonl").read_text().splitlines()]
     trl_args = argparse.Namespace(dtype="bfloat16", warmup=args.warmup, steps=args.steps, batch_pairs=args.batch_pairs)
     recorder = DeviceStepRecorder(resolve_device(config.device, 0))

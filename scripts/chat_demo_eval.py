@@ -26,7 +26,7 @@ import console  # noqa: E402
 from batching import collate_prompts, padded_batch  # noqa: E402
 from chat_task import score_answer  # noqa: E402
 from chat_templates import stop_token_ids  # noqa: E402
-from losses import sequence_logps  # noqa: E402
+from logprobs import sequence_logps  # noqa: E402
 from tokenization import TokenizeSettings, tokenize_datasets  # noqa: E402
 
 BATCH = 16

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import console  # noqa: E402
 import embedded  # noqa: E402
 from batching import collate_prompts, padded_batch  # noqa: E402
-from losses import sequence_logps  # noqa: E402
+from logprobs import sequence_logps  # noqa: E402
 from tokenization import TokenizeSettings, tokenize_datasets  # noqa: E402
 
 BATCH_SIZE = 64

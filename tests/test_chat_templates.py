@@ -32,7 +32,7 @@ from conversations import Message
 from dataset_files import load_preference_file
 from dataset_loading import get_dataset
 from errors import DatasetError
-from losses import IGNORE_INDEX
+from logprobs import IGNORE_INDEX
 from tokenization import TokenizeSettings, tokenize_datasets
 
 CHATML = (

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from losses import IGNORE_INDEX, label_logps_chunked, sequence_logps, sequence_logps_from_hidden
+from logprobs import IGNORE_INDEX, label_logps_chunked, sequence_logps, sequence_logps_from_hidden
 
 VOCAB, HIDDEN = 50, 16
 

@@ -18,6 +18,7 @@ from dataset_files import load_preference_file
 from dataset_loading import get_dataset
 from dataset_registry import register_dataset
 from errors import ConfigError, DatasetError
+from loss_registry import LossSpec
 from preference_entry import PreferenceEntry, add_pair, checked_entries
 from tokenization import TokenizeSettings, tokenize_datasets
 
@@ -201,7 +202,7 @@ def test_when_every_pair_is_a_tie_the_error_says_why(tmp_path):
     rows = [{"prompt": f"Q{i}?", "chosen": " same", "rejected": " same"} for i in range(4)]
     config = compose_config(run_config(tmp_path, write_preference_file(tmp_path / "ties.jsonl", rows), "dpo"))
     with pytest.raises(DatasetError, match=r"holds no usable examples: all 3 were dropped \(their chosen and rejected"):
-        train.load_examples(config, byte_tokenizer())
+        train.load_examples(config, LossSpec.from_config(config.loss), byte_tokenizer())
 
 
 def test_messages_rows_with_a_preference_loss_are_said_to_be_sft_only(tmp_path, capsys):
@@ -211,10 +212,10 @@ def test_messages_rows_with_a_preference_loss_are_said_to_be_sft_only(tmp_path, 
     ]
     config = compose_config(run_config(tmp_path, write_preference_file(tmp_path / "sft.jsonl", rows), "dpo"))
     with pytest.raises(DatasetError, match="holds no usable examples"):
-        train.load_examples(config, byte_tokenizer())
+        train.load_examples(config, LossSpec.from_config(config.loss), byte_tokenizer())
     assert "3 of 3 prompts have no preference pair, only an SFT target (`messages` rows): those rows are SFT-only" in (
         capsys.readouterr().out
     )
     sft_config = compose_config(run_config(tmp_path, tmp_path / "sft.jsonl", "sft"))
-    train_examples, _ = train.load_examples(sft_config, byte_tokenizer())
+    train_examples, _ = train.load_examples(sft_config, LossSpec.from_config(sft_config.loss), byte_tokenizer())
     assert len(train_examples) == 3

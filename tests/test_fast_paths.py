@@ -13,7 +13,7 @@ import torch
 from conftest import compose_config, equivalence_overrides, run_in_processes, train_records
 from safetensors.torch import load_file
 
-import trainers
+import basic_trainer
 from config_checks import validate_config
 from errors import ConfigError
 
@@ -45,13 +45,13 @@ def test_packed_and_chunked_match_padded_full_logits(loss, tmp_path, monkeypatch
     # count which batch layout and which log-prob path the trainer really takes
     calls = {"packed_batch": 0, "sequence_logps_from_hidden": 0}
     for name in calls:
-        original = getattr(trainers, name)
+        original = getattr(basic_trainer, name)
 
         def counting(*args, _name=name, _original=original, **kwargs):
             calls[_name] += 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(trainers, name, counting)
+        monkeypatch.setattr(basic_trainer, name, counting)
     base = equivalence_overrides(loss) + FOUR_STEPS
     plain = run(tmp_path, "plain", base + PLAIN)
     assert calls == {"packed_batch": 0, "sequence_logps_from_hidden": 0}
@@ -125,13 +125,13 @@ def test_bfloat16_autocast_trains_close_to_float32(tmp_path):
 )
 def test_shared_prompt_matches_padded_pairs(variant, tmp_path, monkeypatch):
     calls = {"shared_prompt_batch": 0}
-    original = trainers.shared_prompt_batch
+    original = basic_trainer.shared_prompt_batch
 
     def counting(*args, **kwargs):
         calls["shared_prompt_batch"] += 1
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(trainers, "shared_prompt_batch", counting)
+    monkeypatch.setattr(basic_trainer, "shared_prompt_batch", counting)
     base = equivalence_overrides("dpo") + FOUR_STEPS
     plain = run(tmp_path, "plain", base + PLAIN)
     assert calls["shared_prompt_batch"] == 0

@@ -23,6 +23,7 @@ import train
 from config_checks import validate_config
 from errors import ConfigError, ModelLoadError
 from models import load_model, load_tokenizer
+from reference import AdapterOff
 
 LORA = ["lora.enabled=true", "lora.r=4", "lora.alpha=8"]
 
@@ -102,7 +103,7 @@ def test_bad_lora_settings_are_all_reported_before_loading():
 
 def test_step_zero_loss_is_ln2_with_no_reference_model(lora_run):
     trainer, run_dir = lora_run
-    assert trainer.reference_model is None and trainer.reference_is_adapter_off
+    assert isinstance(trainer.reference, AdapterOff)  # no reference model: the policy with its adapter off
     first = train_records(run_dir)[0]
     # adapters' B starts at 0: the policy IS the base (its reference) before the first update
     assert first["rewards_train/margins"] == 0.0

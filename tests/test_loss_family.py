@@ -9,13 +9,9 @@ from conftest import compose_config, equivalence_overrides, run_in_processes, tr
 from omegaconf import OmegaConf
 
 from config_checks import validate_config
+from loss_registry import LOSS_KEYS, LOSS_NAMES, LossSpec, loss_config_problems, loss_config_warnings
 from losses import (
-    LOSS_KEYS,
-    LOSS_NAMES,
-    LossSpec,
     hinge_loss,
-    loss_config_problems,
-    loss_config_warnings,
     orpo_loss,
     preference_loss,
     rdpo_loss,
@@ -290,6 +286,7 @@ def test_which_losses_use_a_reference_model():
         "robust": True,
         "simpo": False,
         "orpo": False,
+        "reward": False,
     }
     assert not spec("dpo", reference_free=True).uses_reference
     assert not spec("sft").is_preference and spec("orpo").is_preference
@@ -360,7 +357,7 @@ def test_out_of_range_values_are_refused(name, key, value, expected):
 
 def test_unknown_name_and_missing_keys_are_refused():
     assert loss_config_problems({"name": "kto"}) == [
-        "loss.name=kto: must be one of sft, dpo, ipo, hinge, robust, simpo, orpo "
+        "loss.name=kto: must be one of sft, dpo, ipo, hinge, robust, simpo, orpo, reward "
         "(loss=<name> picks config/loss/<name>.yaml)."
     ]
     problems = loss_config_problems({"name": "simpo", "beta": 2.0})

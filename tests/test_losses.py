@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from losses import IGNORE_INDEX, preference_loss, sequence_logps, token_logps
+from logprobs import IGNORE_INDEX, sequence_logps, token_logps
+from losses import preference_loss
 from trainers import preference_loss as reexported_preference_loss
 
 

@@ -13,7 +13,7 @@ from transformers import (
 )
 
 from batching import padded_batch
-from losses import IGNORE_INDEX, sequence_logps
+from logprobs import IGNORE_INDEX, sequence_logps
 from shared_prompt import attention_accepts_shared_prompt_mask, shared_prompt_batch, shared_prompt_logps
 
 VOCAB, PAD = 64, 0

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
-@pytest.mark.parametrize("loss", ["sft", "dpo"])
+@pytest.mark.parametrize("loss", ["sft", "dpo", "reward"])
 def test_fsdp_and_tensor_parallel_match_one_device(loss, tmp_path):
     runs = {
         "BasicTrainer": 1,
@@ -37,6 +37,8 @@ def test_fsdp_and_tensor_parallel_match_one_device(loss, tmp_path):
         overrides = equivalence_overrides(loss) + [f"trainer={trainer}"]
         if trainer == "BasicTrainer":
             overrides += ["packing=false", "logps_chunk_tokens=null"]  # the plain path
+        elif loss == "reward":  # a reward model's scores, read in packed prefix-shared rows
+            overrides += ["share_prompt=true", "packing=true", "fsdp.prefetch_blocks=1"]
         elif loss == "dpo":
             # the fast paths, each also tested alone on one device (test_fast_paths.py): pairs in
             # packed prefix-shared rows, chunked log-probs, precomputed reference, FSDP's prefetch
@@ -60,6 +62,8 @@ def test_fsdp_and_tensor_parallel_match_one_device(loss, tmp_path):
     assert len(basic) == 10
     keys = [k for k in basic[0] if k.startswith(("loss/", "rewards_", "logps_", "grad_norm"))]
     assert "loss/train" in keys and (loss == "sft" or "rewards_train/margins" in keys)
+    if loss == "reward":  # the score head's weights took part in the comparison below
+        assert any(name.startswith("score.") for name in weights["BasicTrainer"])
     for trainer in ("FSDPTrainer", "TensorParallelTrainer"):
         assert len(records[trainer]) == 10
         for step, (expected, actual) in enumerate(zip(basic, records[trainer])):
