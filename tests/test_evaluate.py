@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -51,6 +52,8 @@ class JudgeServer:
     def __init__(self) -> None:
         self.requests: list[tuple[str, str, int]] = []  # (path, model, status)
         self.attempts: dict[str, int] = {}
+        self.authorizations: set[str] = set()  # Authorization headers seen
+        self.in_flight = self.most_in_flight = 0  # chat requests being answered at once
         self.lock = threading.Lock()
         server = self
 
@@ -63,7 +66,15 @@ class JudgeServer:
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                status, payload = server.respond(self.path, body)
+                with server.lock:
+                    server.authorizations.add(self.headers.get("Authorization", ""))
+                    server.in_flight += 1
+                    server.most_in_flight = max(server.most_in_flight, server.in_flight)
+                try:
+                    status, payload = server.respond(self.path, body)
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
                 self.answer(status, payload, body.get("model", ""))
 
             def answer(self, status: int, payload: dict, model: str) -> None:
@@ -98,6 +109,7 @@ class JudgeServer:
                 status = 429 if attempt == 1 else 500
                 return status, {"error": {"message": f"try again ({status})", "type": "server_error"}}
         if model == "always-a":
+            time.sleep(0.05)  # slow enough that concurrent requests overlap
             return 200, completion("Both are fine, A reads first.\nVerdict: A", "chat.completion")
         if model == "garbage":
             return 200, completion("I cannot choose between these.", "chat.completion")
@@ -284,9 +296,15 @@ def judge_settings(server: JudgeServer, model: str, cache: Path, *more: str):
 PAIRS = [(" a longer answer", " short"), (" x", " a much longer one"), (" same", " same"), (" long answer", " ok")]
 
 
-def test_llm_judge_both_orders_cancel_a_position_bias(server, tmp_path):
-    judge = PairwiseLLMJudge(judge_settings(server, "always-a", tmp_path / "cache.jsonl"), seed=0)
-    judgments = judge(synthetic_comparisons(PAIRS))
+def test_llm_judge_both_orders_cancel_a_position_bias(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("EVAL_TEST_KEY", "sk-test-123")
+    with server.lock:
+        server.most_in_flight = 0
+    settings = judge_settings(server, "always-a", tmp_path / "cache.jsonl", "judge.api_key_env=EVAL_TEST_KEY",
+                              "judge.max_concurrency=3")  # fmt: skip
+    judgments = PairwiseLLMJudge(settings, seed=0)(synthetic_comparisons(PAIRS))
+    assert 2 <= server.most_in_flight <= 3  # 8 requests overlap, at most max_concurrency at once
+    assert "Bearer sk-test-123" in server.authorizations  # the key from the variable judge.api_key_env names
     assert [j.preference for j in judgments] == [0.5] * len(PAIRS)  # A first as policy, A first as baseline
     assert [j.orders_agree for j in judgments] == [False] * len(PAIRS)
     assert [[v["shown"] for v in j.verdicts] for j in judgments] == [["policy_first", "baseline_first"]] * len(PAIRS)
