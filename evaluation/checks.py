@@ -114,7 +114,7 @@ def _judge_problems(config: DictConfig) -> tuple[JudgeRow | None, list[str]]:
     return row, problems
 
 
-def _data_settings(config: DictConfig) -> tuple[list[str] | None, dict | None, dict | None, list[str]]:
+def data_settings(config: DictConfig) -> tuple[list[str] | None, dict | None, dict | None, list[str]]:
     """(datasets, dataset_paths, dataset_options): the config's, else the policy run's; and problems."""
     trained = run_config(Path(config.policy)) if Path(str(config.policy)).is_dir() else None
 
@@ -181,7 +181,7 @@ def _resume_problems(config: DictConfig, out_dir: Path) -> list[str]:
     ]
 
 
-def _server_problems(config: DictConfig, judge: JudgeRow | None) -> list[str]:
+def server_problems(config: DictConfig, judge: JudgeRow | None) -> list[str]:
     """Ask each server once whether it answers: the judge's, and the generation backend's."""
     problems = list(judge.server_problems(config.judge)) if judge is not None else []
     generation = config.generation
@@ -201,12 +201,12 @@ def check_config(config: DictConfig) -> EvaluationPlan:
     """
     problems = _number_problems(config) + _choice_problems(config) + _model_problems(config)
     judge, judge_problems = _judge_problems(config)
-    datasets, dataset_paths, dataset_options, data_problems = _data_settings(config)
+    datasets, dataset_paths, dataset_options, data_problems = data_settings(config)
     problems += judge_problems + data_problems
     out_dir = Path(config.out_dir) if config.out_dir is not None else None
     if not problems:
         out_dir = out_dir or default_out_dir(config)
-        problems += _resume_problems(config, out_dir) + _server_problems(config, judge)
+        problems += _resume_problems(config, out_dir) + server_problems(config, judge)
     if problems:
         raise ConfigError(problems)
     baseline_model = Path(config.baseline) if config.baseline not in BASELINE_CHOICES else None

@@ -6,11 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose_config, equivalence_overrides, run_in_processes, train_records
+from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification
 
 import train
 from batching import score_offset
 from config_checks import validate_config
+from evaluation.comparisons import Comparison
+from evaluation.judges import RewardModelJudge
+from evaluation.loading import EvalPrompt
 from loss_registry import LossSpec
 from losses import reward_model_loss
 from reference import NoReference
@@ -107,3 +111,24 @@ def test_a_lora_reward_model_from_an_sft_checkpoint(tmp_path):
     assert len(records) == 4 and all(math.isfinite(r["loss/train"]) for r in records)
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "reward" / "LATEST")
     assert merged.score.weight.abs().sum() > 0  # the head trained in full beside the adapters, and was saved
+
+
+def test_a_trained_reward_model_judges_evaluations_with_its_training_scores(reward_runs):
+    """evaluate.py's reward_model judge reads a trained reward model's score where training read it."""
+    checkpoint = reward_runs["packed"] / "LATEST"
+    config = compose_config(FOUR_STEPS + [f"cache_dir={reward_runs['padded'].parent / 'cache'}", "debug=true"])
+    config.model.archive = str(checkpoint)
+    (reward_runs["padded"].parent / "judged").mkdir()
+    trainer = train.build_trainer(config, reward_runs["padded"].parent / "judged", CPU, 0, 1)
+    trainer.prepare()
+    examples = list(trainer.eval_examples)[:4]
+    with torch.no_grad():
+        chosen, _, _, _ = trainer.pair_scores(trainer.policy, examples)
+    judge = RewardModelJudge(OmegaConf.create({"path": str(checkpoint), "chat_template": "auto", "batch_size": 2,
+                                              "max_length": 64, "dtype": "float32"}), CPU)  # fmt: skip
+    items = []
+    for example in examples:
+        prompt = EvalPrompt("id", example["prompt"], None, "")
+        response_ids = example["chosen_input_ids"][len(example["prompt_input_ids"]) : -1]  # the text, not its EOS
+        items.append((Comparison(prompt, 0.0, "", None, 0, None), trainer.tokenizer.decode(response_ids)))
+    assert judge.score(items) == pytest.approx(chosen.tolist(), abs=1e-5)
