@@ -13,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+import pytest  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
@@ -66,3 +67,11 @@ def equivalence_overrides(loss: str) -> list[str]:
         "max_grad_norm=0.5",  # small enough that clipping is exercised
         "plots.enabled=false",  # pictures are tested on their own (test_run_log.py, the CLI runs)
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_policy(tmp_path_factory) -> Path:
+    """A few SFT steps of the small model on the embedded task (its samples differ): <run>/LATEST, made once."""
+    root = tmp_path_factory.mktemp("tiny_sft")
+    run_in_processes(compose_config(equivalence_overrides("sft") + ["n_examples=32"]), root / "sft", 1)
+    return root / "sft" / "LATEST"

@@ -49,12 +49,9 @@ def test_all_pairs_above_a_gap():
 # ----- the whole command ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def policy(tmp_path_factory) -> Path:
-    """A few SFT steps of the tiny model on the embedded task: its samples differ from each other."""
-    root = tmp_path_factory.mktemp("policy")
-    run_in_processes(train_config(equivalence_overrides("sft") + ["n_examples=32"]), root / "sft", 1)
-    return root / "sft" / "LATEST"
+@pytest.fixture
+def policy(tiny_sft_policy) -> Path:
+    return tiny_sft_policy
 
 
 def pairs_config(policy: Path, out_dir: Path, *overrides: str):
