@@ -29,7 +29,7 @@ from evaluation.generation import (
     generate_through_server,
     response_logps,
 )
-from evaluation.loading import EvalPrompt, causal_model, choose_prompts, release, run_config, tokenizer_for
+from evaluation.loading import EvalPrompt, causal_model, choose_prompts, free_memory, run_config, tokenizer_for
 from evaluation.metrics import sequence_kl_estimates
 from evaluation.openai_api import ServerError
 from evaluation.report import (
@@ -111,36 +111,37 @@ def generate_responses(
     config: DictConfig, plan: EvaluationPlan, prompts: list[EvalPrompt], tokenizer, store: GenerationStore, device
 ) -> int:
     """The policy's (and a baseline model's) responses at every temperature that generations.jsonl lacks."""
-    generation = config.generation
-    settings = SamplingSettings(generation.max_new_tokens, generation.top_p, generation.batch_size,
-                                config.max_prompt_length, config.seed)  # fmt: skip
-    models = [("policy", Path(config.policy), generation.model or config.policy)]
+    models = [("policy", Path(config.policy), config.generation.model or config.policy)]
     if plan.baseline_model is not None:
         models.append(("baseline", plan.baseline_model, str(config.baseline)))
     made = 0
     for role, folder, served_name in models:
         missing = sum(len(store.missing(role, t, prompts)) for t in config.temperatures)
         print(f"{role}: {missing} responses to generate, {len(prompts) * len(config.temperatures) - missing} kept")
-        if not missing:
-            continue
-        role_tokenizer = tokenizer if role == "policy" else tokenizer_for(folder, config.chat_template)
-        start = time.perf_counter()
-        if generation.backend == "openai":
+        if missing:
+            role_tokenizer = tokenizer if role == "policy" else tokenizer_for(folder, config.chat_template)
+            made += generate_one_model(config, role, folder, served_name, role_tokenizer, prompts, store, device)
+    return made
 
-            def generate(todo, temperature, name=served_name, role_tokenizer=role_tokenizer):
-                return generate_through_server(generation, name, role_tokenizer, todo, temperature, settings)
 
-            made += generate_missing(store, role, config.temperatures, prompts, generate)
-        else:
-            model = causal_model(folder, role_tokenizer, config.dtype, device)
-
-            def generate(todo, temperature, model=model, role_tokenizer=role_tokenizer):
-                return generate_in_process(model, role_tokenizer, todo, temperature, settings)
-
-            made += generate_missing(store, role, config.temperatures, prompts, generate)
-            del generate
-            release(model)
-        print(f"{role}: generated in {time.perf_counter() - start:.1f} s", flush=True)
+def generate_one_model(
+    config: DictConfig, role: str, folder: Path, served_name: str, tokenizer, prompts, store, device
+) -> int:
+    """One model's missing responses: in-process (loaded here, freed after) or through the generation server."""
+    generation = config.generation
+    settings = SamplingSettings(generation.max_new_tokens, generation.top_p, generation.batch_size,
+                                config.max_prompt_length, config.seed)  # fmt: skip
+    start = time.perf_counter()
+    if generation.backend == "openai":
+        made = generate_missing(store, role, config.temperatures, prompts, lambda todo, temperature: (
+            generate_through_server(generation, served_name, tokenizer, todo, temperature, settings)))  # fmt: skip
+    else:
+        model = causal_model(folder, tokenizer, config.dtype, device)
+        made = generate_missing(store, role, config.temperatures, prompts, lambda todo, temperature: (
+            generate_in_process(model, tokenizer, todo, temperature, settings)))  # fmt: skip
+        del model
+        free_memory()
+    print(f"{role}: generated {made} responses in {time.perf_counter() - start:.1f} s", flush=True)
     return made
 
 
@@ -151,7 +152,8 @@ def kl_estimates(config: DictConfig, prompts: list[EvalPrompt], tokenizer, store
     for role in ("policy", "reference"):
         model = causal_model(Path(config[role]), tokenizer, config.dtype, device)
         logps[role] = response_logps(model, tokenizer, samples, config.max_prompt_length, config.generation.batch_size)
-        release(model)
+        del model
+        free_memory()
     per_sample = sequence_kl_estimates(logps["policy"], logps["reference"])
     n = len(prompts)
     return {t: per_sample[i * n : (i + 1) * n] for i, t in enumerate(config.temperatures)}
@@ -167,8 +169,11 @@ def build_comparisons(config: DictConfig, prompts: list[EvalPrompt], tokenizer, 
     for temperature in config.temperatures:
         for prompt in prompts:
             policy = store.get("policy", temperature, prompt).response
-            baseline = {"chosen": prompt.chosen, "none": None}.get(config.baseline)
-            if config.baseline not in BASELINE_CHOICES:
+            if config.baseline == "chosen":
+                baseline = prompt.chosen
+            elif config.baseline == "none":
+                baseline = None
+            else:
                 baseline = store.get("baseline", temperature, prompt).response
             baseline_length = length(baseline) if baseline is not None else None
             comparisons.append(Comparison(prompt, temperature, policy, baseline, length(policy), baseline_length))

@@ -20,7 +20,7 @@ from transformers import AutoModelForSequenceClassification
 from evaluation import llm_judge
 from evaluation.comparisons import Comparison, Judgment, preference_from_scores
 from evaluation.generation import batches
-from evaluation.loading import release, render_conversation, tokenizer_for
+from evaluation.loading import free_memory, render_conversation, tokenizer_for
 from evaluation.rules import RULE_SCORERS
 from utils import DTYPES
 
@@ -90,8 +90,8 @@ class RewardModelJudge(ScoringJudge):
         return [rewards[text] for text in texts]
 
     def close(self) -> None:
-        release(self.model)
         self.model = None
+        free_memory()
 
 
 @dataclass(frozen=True)

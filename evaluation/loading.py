@@ -67,9 +67,8 @@ def causal_model(model_folder: Path, tokenizer, dtype: str, device: torch.device
     return load_model(model, dtype, tokenizer, max_length, seed).to(device).eval()
 
 
-def release(model: torch.nn.Module | None) -> None:
-    """Free a model's memory before the next one loads."""
-    del model
+def free_memory() -> None:
+    """Return the memory of models no longer referenced (`del` them first) before the next one loads."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -108,7 +108,7 @@ def win_rate_figure(summary: dict) -> Figure:
     axes.plot(temperatures, [s["lc_win_rate"] for _, s in points], "s--", label="length-controlled")
     axes.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
     axes.set(xlabel="sampling temperature", ylabel="win rate", ylim=(0, 1),
-             title=f"{summary['policy_label']} vs {summary['baseline_label']} ({summary['judge']})")  # fmt: skip
+             title=f"{summary['policy_label']}\nvs {summary['baseline_label']}\njudge: {summary['judge']}")  # fmt: skip
     axes.title.set_fontsize(8)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
