@@ -39,6 +39,7 @@ from chat_templates import stop_token_ids, with_answer
 from errors import CheckpointWriteError, ModelLoadError
 from logprobs import labelled_tokens, sequence_logps, sequence_logps_from_hidden
 from loss_registry import LossSpec
+from losses import kto_kl_estimate
 from models import block_class_name
 from optimization import make_optimizer, make_scheduler
 from reference import Reference
@@ -166,6 +167,8 @@ class BasicTrainer:
         chunk = self.config.logps_chunk_tokens is not None and not self.loss.is_reward_model
         self.chunked_logps = chunk and self.logits_are_projected_hidden_states()
         self.prompts_shared = self.config.share_prompt and self.attention_takes_shared_prompts()
+        if self.loss.is_unpaired:
+            self.warn_about_class_balance()
         self.reference = self.reference.ready(self)
         if self.config.resume_from is not None:
             self.resume(Path(self.config.resume_from))
@@ -242,9 +245,10 @@ class BasicTrainer:
         # gradient reduction averages over ranks, hence the factor data_world_size.
         total_weight = self.global_loss_weight(micro_batches)
         metrics = MetricSums()
+        kl_estimate = self.kl_estimate(micro_batches, metrics, "train") if self.loss.is_unpaired else None
         for i, micro_batch in enumerate(micro_batches):
             self.set_gradient_sync(i == len(micro_batches) - 1)
-            loss_sum = self.loss_and_metrics(self.policy, micro_batch, metrics, "train")
+            loss_sum = self.loss_and_metrics(self.policy, micro_batch, metrics, "train", kl_estimate)
             (loss_sum * self.data_world_size / total_weight).backward()
         grad_norm = self.clip_gradients()
         step_metrics = metrics.summed_over_ranks(self.device, self.data_world_size > 1)
@@ -284,7 +288,9 @@ class BasicTrainer:
             for batch in tqdm.tqdm(
                 eval_batches, desc="eval", disable=not self.is_main, leave=False, dynamic_ncols=True
             ):
-                self.loss_and_metrics(self.policy, self.local_share(batch), metrics, "eval")
+                local_batch = self.local_share(batch)
+                kl_estimate = self.kl_estimate([local_batch], metrics, "eval") if self.loss.is_unpaired else None
+                self.loss_and_metrics(self.policy, local_batch, metrics, "eval", kl_estimate)
         results = metrics.summed_over_ranks(self.device, self.data_world_size > 1).averages()
         if self.config.sample_during_eval and self.config.n_eval_model_samples > 0 and not self.loss.is_reward_model:
             self.run_log.write_samples(self.sample(), self.examples_seen)
@@ -346,8 +352,20 @@ class BasicTrainer:
             weights.add("weight", self.loss_weights(micro_batch))
         return weights.summed_over_ranks(self.device, self.data_world_size > 1).sums["weight"]
 
-    def loss_and_metrics(self, model: nn.Module, examples: list[dict], metrics: MetricSums, split: str) -> torch.Tensor:
-        """Forward pass(es) on a micro-batch of examples; adds its metrics and returns the summed loss."""
+    def loss_and_metrics(
+        self,
+        model: nn.Module,
+        examples: list[dict],
+        metrics: MetricSums,
+        split: str,
+        kl_estimate: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Forward pass(es) on a micro-batch of examples; adds its metrics and returns the summed loss.
+
+        kl_estimate: KTO's z0 for the global batch this micro-batch belongs to (kl_estimate); None otherwise.
+        """
+        if self.loss.is_unpaired:
+            return self.unpaired_loss_and_metrics(model, examples, metrics, split, kl_estimate)
         if not self.loss.is_preference:
             input_ids, labels = [e["chosen_input_ids"] for e in examples], [e["chosen_labels"] for e in examples]
             logps, _ = self.sequence_logps(model, input_ids, labels)
@@ -373,6 +391,55 @@ class BasicTrainer:
         metrics.add(f"rewards_{split}/margins", chosen_rewards - rejected_rewards)
         metrics.add(f"loss/{split}", losses)
         return losses.sum()
+
+    def unpaired_loss_and_metrics(
+        self, model: nn.Module, examples: list[dict], metrics: MetricSums, split: str, kl_estimate: torch.Tensor
+    ) -> torch.Tensor:
+        """KTO on a micro-batch: each example's completion (the chosen side) scored with gradient against z0.
+
+        Metrics: the loss, and the rewards beta * r and policy log-probs of each class (desirable,
+        undesirable), each summed and counted so that its average is exact over micro-batches and ranks.
+        """
+        logps, _ = self.sequence_logps(
+            model, [e["chosen_input_ids"] for e in examples], [e["chosen_labels"] for e in examples]
+        )
+        reference_logps, _ = self.reference.pair_logps(examples, split)
+        desirable = torch.tensor([e["desirable"] for e in examples], device=logps.device)
+        losses, rewards = self.loss.unpaired_losses(logps, reference_logps, kl_estimate, desirable)
+        for label, selected in (("desirable", desirable), ("undesirable", ~desirable)):
+            metrics.add(f"rewards_{split}/{label}", rewards[selected])
+            metrics.add(f"logps_{split}/{label}", logps[selected])
+        metrics.add(f"loss/{split}", losses)
+        return losses.sum()
+
+    @torch.no_grad()
+    def kl_estimate(self, micro_batches: list[list[dict]], metrics: MetricSums, split: str) -> torch.Tensor:
+        """KTO's z0 for a global batch (its micro-batches on all data ranks), without gradient; logged as kl/<split>.
+
+        z0 = max(0, mean over the batch of log pi(y'|x) - log pi_ref(y'|x)), y' each example's mismatched
+        completion (its rejected side: preference_entry.with_mismatched_completions). Summed and counted
+        over ranks, so one device and several give the same z0. A live reference scores each micro-batch
+        here and again in its loss (precompute_ref_logps=true scores the run once instead).
+        """
+        log_ratios = MetricSums()
+        for micro_batch in micro_batches:
+            policy_mismatched, _ = self.sequence_logps(
+                self.policy, [e["rejected_input_ids"] for e in micro_batch], [e["rejected_labels"] for e in micro_batch]
+            )
+            _, reference_mismatched = self.reference.pair_logps(micro_batch, split)
+            log_ratios.add("mismatched", policy_mismatched - reference_mismatched)
+        total = log_ratios.summed_over_ranks(self.device, self.data_world_size > 1)
+        kl_estimate = kto_kl_estimate(torch.tensor(total.sums["mismatched"]), total.counts["mismatched"])
+        # one value per rank, counted once on each, so that the sum over ranks averages back to z0
+        metrics.add(f"kl/{split}", kl_estimate.reshape(1))
+        return kl_estimate.to(self.device, torch.float32)
+
+    def warn_about_class_balance(self) -> None:
+        """KTO: say when lambda_D n_D / (lambda_U n_U) over the training examples leaves the paper's advised range."""
+        desirable = self.train_examples.desirable
+        warning = self.loss.class_balance_warning(int(desirable.sum()), int((~desirable).sum()))
+        if warning:
+            console.say(f"warning: {warning}")
 
     def pair_logps(
         self, model: nn.Module, examples: list[dict]

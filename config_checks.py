@@ -41,7 +41,7 @@ SWITCH_KEYS = (
     "do_first_eval", "sample_during_eval", "precompute_ref_logps", "packing", "share_prompt", "debug",
     "sft_every_assistant_turn", "activation_checkpointing", "plots.enabled", "tensorboard.enabled",
     "wandb.enabled", "lora.enabled", "lora.load_in_4bit", "fsdp.reshard_after_forward", "sampling.greedy",
-    "model.trust_remote_code",
+    "model.trust_remote_code", "pairs_as_unpaired",
 )  # fmt: skip
 LIST_KEYS = ("local_dirs",)  # datasets: dataset_loading.dataset_config_problems
 # settings whose null is meaningful (see config.yaml); any other null is a type error
@@ -231,6 +231,13 @@ def _check_combinations(config: DictConfig, problems: list[str]) -> None:
         )
     if config.share_prompt and not loss.is_preference:
         problems.append("share_prompt=true shares a prompt between the two responses of a pair; loss=sft has no pairs.")
+    if config.share_prompt and loss.is_unpaired:
+        problems.append(
+            "share_prompt=true shares a prompt between the two responses of a pair; loss=kto trains on one completion "
+            "per prompt (its mismatched completion runs without gradient), so nothing would be shared. Drop it."
+        )
+    if config.pairs_as_unpaired and not loss.is_unpaired:
+        problems.append(f"pairs_as_unpaired=true applies to loss=kto; loss={loss.name} would ignore it. Drop it.")
     if config.sft_every_assistant_turn and loss.is_preference:
         problems.append(
             f"sft_every_assistant_turn=true applies to loss=sft; loss={loss.name} scores the final assistant turn. "

@@ -1,7 +1,8 @@
 """Preference data from a user's .jsonl, .json or .parquet file: reading it, parsing its rows, holding out a test split.
 
 Any entry of `datasets=[...]` that is such a file is loaded by load_preference_file, checked
-row by row: a problem is reported with the file and the line (or row).
+row by row: a problem is reported with the file and the line (or row). Rows are pairs, SFT
+`messages`, or unpaired feedback (prompt, completion, label) for loss=kto.
 """
 
 import hashlib
@@ -19,7 +20,7 @@ from conversations import (
     split_last_answer,
 )
 from errors import DatasetError
-from preference_entry import PreferenceEntry, Prompt, add_pair, add_sft_target
+from preference_entry import PreferenceEntry, Prompt, add_feedback, add_pair, add_sft_target
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")  # files usable directly in datasets=[...]
 EVAL_FRACTION = 0.05  # share of prompts held out as the "test" split by datasets without one (files, numbers)
@@ -38,7 +39,9 @@ def load_preference_file(path: str, split: str, eval_fraction: float = EVAL_FRAC
       user's, `chosen` and `rejected` strings or lists of one assistant message;
     - implicit prompt: `chosen` and `rejected` whole conversations that share all but the last
       (assistant) message, and no `prompt`;
-    - `messages`: one conversation ending with the assistant's answer, a target for SFT only.
+    - `messages`: one conversation ending with the assistant's answer, a target for SFT only;
+    - unpaired feedback (loss=kto): `prompt` (a string or messages as above), `completion` (a string
+      or a list of one assistant message) and `label`, true (desirable) or false (undesirable).
     Conversational rows may add a string `system`, the system message. Rows sharing a prompt
     become one entry; the first row's `chosen` is its SFT target. A fixed share of the prompts
     (`eval_fraction`, at least one when there are two or more) is held out as "test": those whose
@@ -51,6 +54,9 @@ def load_preference_file(path: str, split: str, eval_fraction: float = EVAL_FRAC
     data: dict[Prompt, PreferenceEntry] = {}
     for where, row in _read_rows(path):
         try:
+            if "completion" in row or "label" in row:
+                add_feedback(data, *_parse_feedback_row(row))
+                continue
             prompt, chosen, rejected = _parse_row(row)
         except RowProblem as problem:
             raise DatasetError(f"{path}, {where}: {problem}") from None
@@ -100,6 +106,26 @@ def _parse_row(row: dict) -> tuple[Prompt, str, str | None]:
     if conversation[-1].role != "user":
         raise RowProblem(f"field 'prompt': the last message must be the user's, not {conversation[-1].role!r}.")
     return _with_system(row, conversation), _answer(row["chosen"], "chosen"), _answer(row["rejected"], "rejected")
+
+
+def _parse_feedback_row(row: dict) -> tuple[Prompt, str, bool]:
+    """(prompt, completion, desirable) of an unpaired row (prompt, completion, label). Raises RowProblem."""
+    label = row.get("label")
+    if not isinstance(label, bool):
+        shown = "is missing" if label is None else f"must be true or false, not {label!r}"[:120]
+        raise RowProblem(f"field 'label' {shown}. An unpaired row has prompt, completion and label (true: desirable).")
+    for field in ("prompt", "completion"):
+        value = row.get(field)
+        if not ((isinstance(value, str) and value) or (isinstance(value, list) and value)):
+            shown = "is missing" if value is None else f"must be a non-empty string or messages, not {value!r}"[:120]
+            raise RowProblem(f"field {field!r} {shown}. An unpaired row has prompt, completion and label.")
+    prompt = row["prompt"]
+    if isinstance(prompt, str) and row.get("system") is None and isinstance(row["completion"], str):
+        return prompt, row["completion"], label
+    conversation = (Message("user", prompt),) if isinstance(prompt, str) else as_conversation(prompt, "prompt")
+    if conversation[-1].role != "user":
+        raise RowProblem(f"field 'prompt': the last message must be the user's, not {conversation[-1].role!r}.")
+    return _with_system(row, conversation), _answer(row["completion"], "completion"), label
 
 
 def _answer(value: str | list, field: str) -> str:

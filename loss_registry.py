@@ -16,6 +16,7 @@ import torch
 
 from losses import (
     hinge_loss,
+    kto_loss,
     length_averaged,
     orpo_loss,
     preference_loss,
@@ -50,6 +51,8 @@ class LossSpec:
     odds_ratio_weight: float = 0.0  # ORPO: lambda, the weight of the odds-ratio term
     margin: float = 0.0  # reward model: how far the chosen score must lead the rejected one
     center_weight: float = 0.0  # reward model: weight of (r_chosen + r_rejected)^2, keeping scores near 0
+    desirable_weight: float = 1.0  # KTO: lambda_D, the weight of each desirable example's loss
+    undesirable_weight: float = 1.0  # KTO: lambda_U, the weight of each undesirable example's loss
 
     @classmethod
     def from_config(cls, loss_config: Mapping) -> "LossSpec":
@@ -63,8 +66,17 @@ class LossSpec:
 
     @property
     def is_preference(self) -> bool:
-        """Whether examples are (chosen, rejected) pairs; SFT trains on single targets."""
-        return self.definition.pair_loss is not None
+        """Whether the loss learns from feedback (pairs, or KTO's labelled completions); SFT learns targets."""
+        return self.definition.pair_loss is not None or self.is_unpaired
+
+    @property
+    def is_unpaired(self) -> bool:
+        """Whether examples are single completions labelled desirable or not (KTO), rather than pairs.
+
+        Such an example is tokenized as a pair (completion, mismatched completion) with a label: see
+        preference_entry.with_mismatched_completions.
+        """
+        return self.definition.unpaired
 
     @property
     def head(self) -> str:
@@ -108,7 +120,9 @@ class LossSpec:
         The reference log-probs are not read when uses_reference is False (pass zeros).
         """
         if self.definition.pair_loss is None:
-            raise ValueError(f"loss.name={self.name} has no pair loss: it trains on single targets.")
+            raise ValueError(
+                f"loss.name={self.name} has no pair loss: it trains on single targets or unpaired feedback."
+            )
         if not self.uses_reference:
             reference_chosen_logps = torch.zeros_like(policy_chosen_logps)
             reference_rejected_logps = torch.zeros_like(policy_rejected_logps)
@@ -122,6 +136,40 @@ class LossSpec:
             losses = losses - self.sft_weight * length_averaged(policy_chosen_logps, chosen_tokens)
         return losses, chosen_rewards, rejected_rewards
 
+    def unpaired_losses(
+        self,
+        policy_logps: torch.Tensor,
+        reference_logps: torch.Tensor,
+        kl_estimate: torch.Tensor,
+        desirable: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """KTO's (losses, rewards), each (batch,), from summed completion log-probs, z0 and (batch,) bool labels."""
+        return kto_loss(
+            policy_logps,
+            reference_logps,
+            kl_estimate,
+            desirable,
+            self.beta,
+            self.desirable_weight,
+            self.undesirable_weight,
+        )
+
+    def class_balance_warning(self, n_desirable: int, n_undesirable: int) -> str | None:
+        """KTO: a warning when lambda_D n_D / (lambda_U n_U) leaves the paper's advised [1, 4/3]; None inside it."""
+        low, high = KTO_BALANCE_RANGE
+        desirable, undesirable = self.desirable_weight * n_desirable, self.undesirable_weight * n_undesirable
+        if undesirable and low <= desirable / undesirable <= high:
+            return None
+        ratio = f"{desirable / undesirable:.3g}" if undesirable else "infinite"
+        return (
+            f"loss=kto with {n_desirable} desirable and {n_undesirable} undesirable training examples: "
+            f"desirable_weight * n_desirable / (undesirable_weight * n_undesirable) = {ratio}, outside the advised "
+            f"[{low}, {high:.3g}] (Ethayarajh et al., 2024, section 4.2); set loss.desirable_weight or "
+            "loss.undesirable_weight to bring it inside."
+        )
+
+
+KTO_BALANCE_RANGE = (1.0, 4 / 3)  # lambda_D n_D / (lambda_U n_U), as the KTO paper advises
 
 # A row's pair loss: (spec, (policy chosen, policy rejected, reference chosen, reference rejected) summed
 # log-probs, chosen token counts, rejected token counts) -> LossOutput
@@ -137,6 +185,7 @@ class LossDefinition:
     compares_to_reference: bool  # against a reference model (unless reference_free turns it off)
     averages_log_probs: bool | str = False  # True, or the flag key that turns length averaging on
     head: str = "causal_lm"  # "reward": the model scores each response (models.MODEL_CLASSES); pairs get scores
+    unpaired: bool = False  # examples are single completions with a desirable/undesirable label (KTO)
     beta_range: tuple[float, float, str] | None = None  # where beta is sensible, and why; outside it: a warning
     warnings: Callable[[LossSpec], list[str]] = field(default=lambda spec: [])  # other unlikely settings
 
@@ -249,6 +298,13 @@ LOSSES: dict[str, LossDefinition] = {
         averages_log_probs=True,
         warnings=_orpo_warnings,
     ),
+    "kto": LossDefinition(
+        keys=("beta", "desirable_weight", "undesirable_weight"),
+        pair_loss=None,
+        compares_to_reference=True,
+        unpaired=True,
+        beta_range=(0.01, 1.0, "the KTO paper uses 0.1"),
+    ),
     "reward": LossDefinition(
         keys=("margin", "center_weight"),
         pair_loss=_reward,
@@ -301,6 +357,14 @@ KEY_RULES: dict[str, KeyRule] = {
     "center_weight": KeyRule(
         allows=lambda v: v >= 0,
         rule="must be 0 or more: the weight of (r_chosen + r_rejected)^2 (e.g. 0.01); 0 turns it off.",
+    ),
+    "desirable_weight": KeyRule(
+        allows=lambda v: v > 0,
+        rule="must be greater than 0: KTO's lambda_D (1.0 by default; see the class-balance warning).",
+    ),
+    "undesirable_weight": KeyRule(
+        allows=lambda v: v > 0,
+        rule="must be greater than 0: KTO's lambda_U (1.0 by default; see the class-balance warning).",
     ),
     "odds_ratio_weight": KeyRule(
         allows=lambda v: v > 0,

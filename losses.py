@@ -222,3 +222,40 @@ def reward_model_loss(
     if center_weight:
         losses = losses + center_weight * (chosen_scores + rejected_scores) ** 2
     return losses, chosen_scores.detach(), rejected_scores.detach()
+
+
+def kto_kl_estimate(mismatched_log_ratio_sum: torch.Tensor, n_mismatched: torch.Tensor | float) -> torch.Tensor:
+    """KTO's reference point z0 (Ethayarajh et al., 2024, arXiv:2402.01306, eq. 7's KL term), a scalar.
+
+    z0 = max(0, mean over mismatched completions y' of log pi_theta(y'|x) - log pi_ref(y'|x)), given the
+    SUM of those log-ratios and their number (so the mean is exact over micro-batches and ranks). It
+    estimates KL(pi_theta || pi_ref) and is detached: the paper passes no gradient through it.
+    """
+    return (torch.as_tensor(mismatched_log_ratio_sum) / n_mismatched).clamp(min=0).detach()
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    reference_logps: torch.Tensor,
+    kl_estimate: torch.Tensor,
+    desirable: torch.Tensor,
+    beta: float,
+    desirable_weight: float,
+    undesirable_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al., 2024, arXiv:2402.01306, eq. 8) on unpaired feedback.
+
+    policy_logps, reference_logps: (batch,) summed log-probs of each example's completion y given its
+    prompt x; desirable: (batch,) bool, the label; kl_estimate: z0, a scalar (kto_kl_estimate). With
+    r = log pi_theta(y|x) - log pi_ref(y|x):
+      desirable:   lambda_D * (1 - sigma(beta * (r - z0)))
+      undesirable: lambda_U * (1 - sigma(beta * (z0 - r)))
+    lambda_D = desirable_weight, lambda_U = undesirable_weight. At r = z0 each costs half its weight.
+
+    Returns (losses, rewards), each (batch,); rewards are beta * r, detached.
+    """
+    log_ratio = policy_logps - reference_logps
+    value = torch.where(desirable, beta * (log_ratio - kl_estimate), beta * (kl_estimate - log_ratio))
+    weights = torch.where(desirable, desirable_weight, undesirable_weight).to(value.dtype)
+    losses = weights * (1 - torch.sigmoid(value))
+    return losses, beta * log_ratio.detach()

@@ -100,6 +100,34 @@ PICTURES = (
             Series("logps_eval/rejected", "rejected, eval", "C3"),
         ),
     ),
+    Picture(
+        "kto_rewards",
+        "KTO: implicit rewards of the desirable and undesirable completions",
+        "reward",
+        (
+            Series("rewards_train/desirable", "desirable, train", "C2"),
+            Series("rewards_eval/desirable", "desirable, eval", "C2"),
+            Series("rewards_train/undesirable", "undesirable, train", "C3"),
+            Series("rewards_eval/undesirable", "undesirable, eval", "C3"),
+        ),
+    ),
+    Picture(
+        "kto_logps",
+        "KTO: policy log-probabilities of the desirable and undesirable completions",
+        "log-probability",
+        (
+            Series("logps_train/desirable", "desirable, train", "C2"),
+            Series("logps_eval/desirable", "desirable, eval", "C2"),
+            Series("logps_train/undesirable", "undesirable, train", "C3"),
+            Series("logps_eval/undesirable", "undesirable, eval", "C3"),
+        ),
+    ),
+    Picture(
+        "kl_estimate",
+        "KTO: the batch's KL estimate z0 (mismatched completions)",
+        "nats",
+        (Series("kl/train", "train", "C1"), Series("kl/eval", "eval", "C1")),
+    ),
     Picture("grad_norm", "Gradient norm before clipping", "norm", (Series("grad_norm", "train", "C1"),)),
     Picture("lr", "Learning rate", "learning rate", (Series("lr", "train", "C4"),)),
 )

@@ -61,7 +61,15 @@ POINTS_INTO = {
 }
 
 
-PER_EXAMPLE = ("example_prompt", "example_chosen", "example_rejected", "prompt_spans", "chosen_spans", "rejected_spans")
+PER_EXAMPLE = (
+    "example_prompt",
+    "example_chosen",
+    "example_rejected",
+    "example_label",
+    "prompt_spans",
+    "chosen_spans",
+    "rejected_spans",
+)
 
 
 _STORED_ARRAYS = {  # what a cache entry holds (see _tokenize_data): name -> (dtype, dimensions)
@@ -80,6 +88,10 @@ _STORED_ARRAYS = {  # what a cache entry holds (see _tokenize_data): name -> (dt
     "example_prompt": (np.int64, 1),
     "example_chosen": (np.int64, 1),
     "example_rejected": (np.int64, 1),  # absent for SFT data
+    "example_label": (
+        np.int64,
+        1,
+    ),  # KTO only: 1 desirable, 0 undesirable (the rejected side is a mismatched completion)
 }
 
 
@@ -209,7 +221,7 @@ def read_cache_entry(path: Path, key: str, label: str) -> dict[str, np.ndarray] 
 
 def _storage_problem(arrays: Mapping[str, np.ndarray], key: str) -> str | None:
     """What is wrong with arrays read from a cache entry, so that a damaged one is rebuilt instead of failing later."""
-    required = set(_STORED_ARRAYS) - {"example_rejected"}
+    required = set(_STORED_ARRAYS) - {"example_rejected", "example_label"}
     if not required <= set(arrays) <= set(_STORED_ARRAYS):
         return f"it holds arrays {sorted(arrays)}, not {sorted(required)} (and example_rejected for pairs)"
     for name, values in arrays.items():

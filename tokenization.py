@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 import chat_templates
 import console
 import dataset_loading
+import preference_entry
 import token_cache
 from errors import DatasetError
 from preference_entry import PreferenceEntry, Prompt
@@ -43,15 +44,19 @@ class TokenizeSettings:
     dataset_options: Mapping[str, Mapping] = field(default_factory=dict)  # dataset name -> its loader's options
     datasets_cache_dir: str | None = None  # where `datasets` keeps Hub downloads; None: its default
     tokenized_cache_dir: str | None = None  # where each dataset's tokens are cached (token_cache.py); None: nowhere
+    unpaired: bool = False  # KTO: one example per labelled completion (preference_entry.with_mismatched_completions)
+    pairs_as_unpaired: bool = False  # KTO on paired data: chosen desirable, rejected undesirable
 
     @classmethod
-    def from_config(cls, config: DictConfig, sft_mode: bool) -> "TokenizeSettings":
-        """The settings of a run's config (train.py); sft_mode comes from its loss."""
+    def from_config(cls, config: DictConfig, sft_mode: bool, unpaired: bool = False) -> "TokenizeSettings":
+        """The settings of a run's config (train.py); sft_mode and unpaired come from its loss."""
         cache_dir = config.cache_dir
         return cls(
             max_length=config.max_length,
             max_prompt_length=config.max_prompt_length,
             sft_mode=sft_mode,
+            unpaired=unpaired,
+            pairs_as_unpaired=config.pairs_as_unpaired,
             every_assistant_turn=config.sft_every_assistant_turn,
             dataset_paths=_plain(config.dataset_paths),
             dataset_options=_plain(config.dataset_options),
@@ -171,7 +176,7 @@ def _number_examples(data: dict[str, PreferenceEntry], sft_mode: bool) -> tuple[
     example_rejected for SFT.
     """
     response_number: dict[str, int] = {}
-    example_prompt, chosen, rejected = [], [], []
+    example_prompt, chosen, rejected, labels = [], [], [], []
     for prompt_number, entry in enumerate(data.values()):
         if sft_mode:
             chosen.append(response_number.setdefault(entry.sft_target, len(response_number)))
@@ -183,10 +188,18 @@ def _number_examples(data: dict[str, PreferenceEntry], sft_mode: bool) -> tuple[
             chosen.append(numbers[preferred])
             rejected.append(numbers[dispreferred])
         example_prompt += [prompt_number] * len(compared)
+        labels += entry.labels
     numbers = {"example_prompt": example_prompt, "example_chosen": chosen}
     if not sft_mode:
         numbers["example_rejected"] = rejected
+    if _is_unpaired(data):
+        numbers["example_label"] = labels
     return list(response_number), {name: np.array(values, dtype=np.int64) for name, values in numbers.items()}
+
+
+def _is_unpaired(data: Mapping[Prompt, PreferenceEntry]) -> bool:
+    """Whether the entries hold KTO examples (with_mismatched_completions): pairs with a label each, no ties."""
+    return any(entry.labels for entry in data.values())
 
 
 def _spans(offsets: np.ndarray) -> np.ndarray:
@@ -209,9 +222,9 @@ def _tokenize_data(
     (UTF-8 JSON) and prompt_messages_spans (empty for text prompts); prompt_has_pairs (1 when the
     prompt's entry has a pair or a tie, 0 when it has only an SFT target); response_tokens (each response
     + EOS, or up to its end-of-turn token) and response_token_spans; example_prompt, example_chosen
-    and (not for SFT) example_rejected. Text prompts come first, then conversational ones
-    (_tokenize_conversations). Truncation is applied when loading (_truncated), so the cache serves
-    every max_length.
+    and (not for SFT) example_rejected; example_label (1: desirable) for KTO examples. Text prompts
+    come first, then conversational ones (_tokenize_conversations). Truncation is applied when
+    loading (_truncated), so the cache serves every max_length.
     """
     texts = {prompt: entry for prompt, entry in data.items() if isinstance(prompt, str)}
     conversations = {prompt: entry for prompt, entry in data.items() if not isinstance(prompt, str)}
@@ -425,12 +438,12 @@ def _number_conversation_examples(
             pieces.append(tokens)
         return number_of[key]
 
-    example_prompt, chosen, rejected = [], [], []
+    example_prompt, chosen, rejected, labels = [], [], [], []
     for prompt_number, entry in enumerate(data.values()):
         responses = entry.responses
         compared = [] if sft_mode else _compared_responses(entry)
         sides = [(entry.sft_target,)] if sft_mode else [(responses[a], responses[b]) for a, b in compared]
-        for texts in sides:
+        for example_number, texts in enumerate(sides):
             tokens = [answers[prompt_number, text] for text in texts]
             if any(side is None for side in tokens):
                 continue
@@ -438,9 +451,13 @@ def _number_conversation_examples(
             chosen.append(number(tokens[0]))
             if not sft_mode:
                 rejected.append(number(tokens[1]))
+            if entry.labels:
+                labels.append(entry.labels[example_number])
     numbers = {"example_prompt": example_prompt, "example_chosen": chosen}
     if not sft_mode:
         numbers["example_rejected"] = rejected
+    if _is_unpaired(data):
+        numbers["example_label"] = labels
     offsets = np.concatenate([[0], np.cumsum([len(piece) for piece in pieces], dtype=np.int64)])
     flat = np.concatenate([np.zeros(0, dtype=np.int32)] + pieces).astype(np.int32)
     return {name: np.array(values, dtype=np.int64) for name, values in numbers.items()}, flat, offsets
@@ -488,6 +505,8 @@ def _truncated(
         )
     }
     arrays["example_prompt"] = tokenized["example_prompt"]
+    if "example_label" in tokenized:
+        arrays["example_label"] = tokenized["example_label"]
     arrays["prompt_spans"] = np.stack([prompt_starts, prompt_starts + kept], axis=1)
     for side, spans in responses.items():
         arrays[f"{side}_spans"] = np.stack(
@@ -600,6 +619,8 @@ def _cache_settings(name: str, settings: TokenizeSettings) -> dict:
     return {
         "dataset_options": settings.dataset_options.get(name),
         "every_assistant_turn": settings.every_assistant_turn and settings.sft_mode,
+        "unpaired": settings.unpaired,
+        "pairs_as_unpaired": settings.pairs_as_unpaired and settings.unpaired,
     }
 
 
@@ -661,6 +682,34 @@ def _note_unpaired_prompts(tokenized: Mapping[str, np.ndarray], label: str) -> N
         )
 
 
+def _shaped_for_the_loss(
+    data: dict[Prompt, PreferenceEntry], name: str, settings: TokenizeSettings
+) -> dict[Prompt, PreferenceEntry]:
+    """The entries as the loss trains on them: KTO's examples from feedback (or converted pairs); pairs unchanged.
+
+    Unpaired feedback with a pair loss, and pairs with KTO unless pairs_as_unpaired, are one
+    DatasetError naming the dataset and the fix.
+    """
+    has_feedback = any(entry.feedback for entry in data.values())
+    if not settings.unpaired:
+        if has_feedback:
+            loss = "an SFT loss" if settings.sft_mode else "a pair loss"
+            raise DatasetError(
+                f"Dataset {name!r} holds unpaired feedback (prompt, completion, label rows), which {loss} cannot "
+                "train on: use loss=kto."
+            )
+        return data
+    if settings.pairs_as_unpaired:
+        data = preference_entry.pairs_as_feedback(data)
+    elif any(entry.pairs for entry in data.values()) and not has_feedback:
+        raise DatasetError(
+            f"Dataset {name!r} holds preference pairs; loss=kto trains on unpaired feedback. Set "
+            "pairs_as_unpaired=true to use each pair's chosen response as desirable and its rejected one as "
+            "undesirable, or give a file of prompt, completion, label rows."
+        )
+    return preference_entry.with_mismatched_completions(data)
+
+
 def _tokenize_dataset(
     name: str, split: str, tokenizer, special: _SpecialTokens, settings: TokenizeSettings
 ) -> dict[str, np.ndarray]:
@@ -674,6 +723,7 @@ def _tokenize_dataset(
         sft_mode=settings.sft_mode,
         dataset_options=settings.dataset_options,
     )
+    data = _shaped_for_the_loss(data, name, settings)
     description = f"tokenizing {name} {split}"
     tokenized = _tokenize_data(data, settings.sft_mode, tokenizer, special, description, settings.every_assistant_turn)
     seconds = time.perf_counter() - start

@@ -21,7 +21,9 @@ class TokenizedExamples(Sequence):
     examples[i] has: prompt (str), prompt_input_ids (the prompt after truncation, BOS first when
     the tokenizer adds one), chosen_input_ids (prompt + chosen response, EOS last unless
     truncated), chosen_labels (the same with IGNORE_INDEX on prompt positions), the rejected ones
-    unless this is SFT data, and index (i, the position in this sequence), all lists of ints.
+    unless this is SFT data, desirable (bool) for KTO examples (whose rejected side is a mismatched
+    completion: preference_entry.with_mismatched_completions), and index (i, the position in this
+    sequence), all lists of ints.
     Conversational examples also have prompt_messages (the prompt's [{"role", "content"}, ...]);
     their prompt is the chat template's text, and each response ends with its end-of-turn token
     (chat_templates.py). SFT on every assistant turn also labels the prompt's assistant turns.
@@ -86,6 +88,8 @@ class TokenizedExamples(Sequence):
             response = arrays["response_tokens"][start:stop].tolist()
             example[f"{side}_input_ids"] = prompt_ids + response
             example[f"{side}_labels"] = prompt_labels + response
+        if "example_label" in arrays:  # KTO: the rejected side is a mismatched completion, not a dispreferred one
+            example["desirable"] = bool(arrays["example_label"][row])
         example["index"] = position
         return example
 
@@ -108,6 +112,12 @@ class TokenizedExamples(Sequence):
             raise IndexError(f"select: positions must lie in [-{len(self)}, {len(self)}), got {shown}.")
         positions[positions < 0] += len(self)
         return TokenizedExamples(self._arrays, self._base_fingerprint, self._rows[positions])
+
+    @property
+    def desirable(self) -> np.ndarray | None:
+        """(len(self),) bool: KTO examples' labels (True: desirable); None for pairs and SFT examples."""
+        labels = self._arrays.get("example_label")
+        return None if labels is None else labels[self._rows].astype(bool)
 
     @property
     def lengths(self) -> tuple[np.ndarray, np.ndarray]:

@@ -58,7 +58,7 @@ def load_examples(
     reference log-probs cache among it) sees this one eval set.
     """
     splits = {}
-    settings = TokenizeSettings.from_config(config, sft_mode=not loss.is_preference)
+    settings = TokenizeSettings.from_config(config, sft_mode=not loss.is_preference, unpaired=loss.is_unpaired)
     for split in ("train", "test"):
         examples, n_dropped = tokenize_datasets(list(config.datasets), split, tokenizer, settings)
         console.say(f"{split}: {len(examples)} examples; dropped {n_dropped} pairs with nothing to train on")

@@ -51,7 +51,10 @@ def train_records(run_dir: Path) -> list[dict]:
 
 
 def equivalence_overrides(loss: str) -> list[str]:
+    # loss=kto trains on the same pairs as unpaired feedback (chosen desirable, rejected undesirable)
+    unpaired = ["pairs_as_unpaired=true"] if loss == "kto" else []
     return SMALL_MODEL + [
+        *unpaired,
         f"loss={loss}",
         "batch_size=8",
         "gradient_accumulation_steps=2",

@@ -286,6 +286,7 @@ def test_which_losses_use_a_reference_model():
         "robust": True,
         "simpo": False,
         "orpo": False,
+        "kto": True,
         "reward": False,
     }
     assert not spec("dpo", reference_free=True).uses_reference
@@ -323,7 +324,7 @@ def test_paper_defaults_in_the_files():
         ("simpo", "label_smoothing", 0.1, "only loss=dpo, loss=robust read it"),
         ("simpo", "reference_free", True, "only loss=dpo, loss=ipo, loss=hinge, loss=robust read it"),
         ("orpo", "reference_free", True, "only loss=dpo, loss=ipo, loss=hinge, loss=robust read it"),
-        ("orpo", "beta", 0.1, "only loss=dpo, loss=ipo, loss=hinge, loss=robust, loss=simpo read it"),
+        ("orpo", "beta", 0.1, "only loss=dpo, loss=ipo, loss=hinge, loss=robust, loss=simpo, loss=kto read it"),
         ("ipo", "length_penalty", 0.01, "only loss=dpo read it"),
         ("dpo", "average_log_prob", True, "only loss=ipo read it"),
         ("dpo", "lenght_penalty", 0.01, "no loss reads it"),
@@ -356,8 +357,8 @@ def test_out_of_range_values_are_refused(name, key, value, expected):
 
 
 def test_unknown_name_and_missing_keys_are_refused():
-    assert loss_config_problems({"name": "kto"}) == [
-        "loss.name=kto: must be one of sft, dpo, ipo, hinge, robust, simpo, orpo, reward "
+    assert loss_config_problems({"name": "cpo"}) == [
+        "loss.name=cpo: must be one of sft, dpo, ipo, hinge, robust, simpo, orpo, kto, reward "
         "(loss=<name> picks config/loss/<name>.yaml)."
     ]
     problems = loss_config_problems({"name": "simpo", "beta": 2.0})
