@@ -35,7 +35,7 @@ from evaluation.generation import (
     response_logps,
 )
 from evaluation.judges import JUDGES, JudgeRow
-from evaluation.loading import EvalPrompt, causal_model, choose_prompts, release, run_config, tokenizer_for
+from evaluation.loading import EvalPrompt, causal_model, choose_prompts, free_memory, run_config, tokenizer_for
 from evaluation.openai_api import ServerError
 from evaluation.pairing import PAIRINGS, preference_pairs
 from utils import DTYPES, resolve_device
@@ -194,14 +194,15 @@ def generate_samples(config: DictConfig, prompts: list[EvalPrompt], tokenizer, s
         settings = SamplingSettings(generation.max_new_tokens, generation.top_p, generation.batch_size,
                                     config.max_prompt_length, sample_seed(config.seed, role))  # fmt: skip
 
-        def generate(todo, temperature, settings=settings):
+        def generate(todo, temperature, settings=settings, model=model):
             if model is None:
                 name = generation.model or config.policy
                 return generate_through_server(generation, name, tokenizer, todo, temperature, settings)
             return generate_in_process(model, tokenizer, todo, temperature, settings)
 
         made += generate_missing(store, role, [config.temperature], prompts, generate)
-    release(model)
+    del model, generate
+    free_memory()
     print(f"samples: {made} generated in {time.perf_counter() - start:.1f} s", flush=True)
     return made
 
@@ -246,7 +247,8 @@ def policy_logps(config: DictConfig, prompts: list[EvalPrompt], samples: dict, t
     items = [(p, g.token_ids) for p in prompts for g in samples[p.prompt_id]]
     model = causal_model(Path(config.policy), tokenizer, config.dtype, device)
     values = response_logps(model, tokenizer, items, config.max_prompt_length, config.generation.batch_size)
-    release(model)
+    del model
+    free_memory()
     k = config.samples_per_prompt
     return {p.prompt_id: values[i * k : (i + 1) * k] for i, p in enumerate(prompts)}
 
