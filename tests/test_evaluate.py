@@ -382,7 +382,8 @@ def direct_rewards(reward_folder: Path, texts: list[str]) -> list[float]:
 
     tokenizer = AutoTokenizer.from_pretrained(reward_folder)
     model = AutoModelForSequenceClassification.from_pretrained(reward_folder).eval()
-    return [model(**tokenizer(text, return_tensors="pt")).logits[0, 0].item() for text in texts]
+    # a text response ends with EOS, as training tokenizes it (evaluation.loading.render_conversation)
+    return [model(**tokenizer(text + tokenizer.eos_token, return_tensors="pt")).logits[0, 0].item() for text in texts]
 
 
 def test_reward_model_judge_scores_both_models_generations(folders, tmp_path):
