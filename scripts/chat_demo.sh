@@ -31,4 +31,8 @@ trained=$(date +%s)
 echo
 echo "DPO run: $run_dir ($((trained - start)) s including the model build and data)"
 "$PYTHON" scripts/chat_demo_eval.py --data "$DATA/test.jsonl" before="$MODEL" after="$run_dir/LATEST"
+# win rates of the DPO model against the instruct model, judged by the task's answer check (evaluate.py,
+# judge=rule) on 16 prompts of the test file (its own "train" split: every prompt in the file is held out)
+"$PYTHON" evaluate.py policy="$run_dir/LATEST" baseline="$MODEL" judge=rule judge.scorer=chat_numbers \
+    datasets="[$DATA/test.jsonl]" split=train n_prompts=16 "temperatures=[0.0,0.7]" generation.max_new_tokens=12
 echo "total: $(($(date +%s) - start)) s on $(nproc) CPU(s), OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}"

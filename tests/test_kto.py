@@ -1,12 +1,13 @@
 """KTO on unpaired feedback: the loss, z0, the data (files, converted pairs, mismatched completions), the paths.
 
-The multi-process equivalence (FSDP and tensor parallel against one device, with packing, chunked
-log-probs and precomputed reference log-probs) is test_training.py's parametrized test with
-loss=kto; packing and chunking on one device are test_fast_paths.py's.
+The multi-process equivalence (FSDP and tensor parallel, with packing, chunked log-probs and
+precomputed reference log-probs, against the plain padded, full-logits, live-reference run on one
+device) is test_training.py's parametrized test with loss=kto.
 """
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,9 +193,23 @@ def test_share_prompt_and_pairs_as_unpaired_are_refused_where_they_would_be_igno
 
 
 @pytest.fixture(scope="module")
-def kto_trainer(tmp_path_factory):
+def tokenized(tmp_path_factory) -> Path:
+    """A tokenize cache the module's runs share (the reference log-probs stay each test's own)."""
+    return tmp_path_factory.mktemp("tokenized")
+
+
+def share_tokens(tmp_path: Path, tokenized: Path) -> None:
+    """Let the runs under tmp_path (their cache is tmp_path / "cache") read and write the module's tokens."""
+    (tmp_path / "cache").mkdir(exist_ok=True)
+    if not (tmp_path / "cache" / "tokenized").exists():
+        (tmp_path / "cache" / "tokenized").symlink_to(tokenized, target_is_directory=True)
+
+
+@pytest.fixture(scope="module")
+def kto_trainer(tmp_path_factory, tokenized):
     """A BasicTrainer for loss=kto on the converted embedded pairs, its policy moved off the reference."""
     tmp_path = tmp_path_factory.mktemp("trainer")
+    share_tokens(tmp_path, tokenized)
     config = compose_config(KTO + ["n_examples=16", "debug=true", f"cache_dir={tmp_path / 'cache'}"])
     (tmp_path / "run").mkdir()
     trainer = train.build_trainer(config, tmp_path / "run", CPU, 0, 1)
@@ -256,7 +271,8 @@ def assert_same(expected, actual, label: str) -> None:
         torch.testing.assert_close(actual_weights[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{label} {name}")
 
 
-def test_precomputed_reference_matches_live_and_pictures_are_drawn(tmp_path):
+def test_precomputed_reference_matches_live_and_pictures_are_drawn(tmp_path, tokenized):
+    share_tokens(tmp_path, tokenized)
     base = KTO + FOUR_STEPS + ["packing=false", "logps_chunk_tokens=null"]
     live = run(tmp_path, "live", base + ["plots.enabled=true"])
     assert live[0][0]["loss/train"] == pytest.approx(0.5, abs=1e-6)  # r = z0 = 0: half of weight 1 each
@@ -268,7 +284,8 @@ def test_precomputed_reference_matches_live_and_pictures_are_drawn(tmp_path):
     assert {p.name for p in plots.PICTURES} >= {"kto_rewards", "kto_logps", "kl_estimate"}
 
 
-def test_lora_with_the_adapter_off_reference_starts_at_half_and_resumes_exactly(tmp_path, capsys):
+def test_lora_with_the_adapter_off_reference_starts_at_half_and_resumes_exactly(tmp_path, capsys, tokenized):
+    share_tokens(tmp_path, tokenized)
     overrides = KTO + ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "n_examples=32", "eval_every=16"]
     straight = run(tmp_path, "straight", overrides)
     assert "reference model: the policy with its LoRA adapter off" in capsys.readouterr().out
