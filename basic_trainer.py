@@ -284,14 +284,17 @@ class BasicTrainer:
             n_epochs=1,
             drop_last=False,
         )
+        margins: list[torch.Tensor] = []
         with torch.no_grad():
             for batch in tqdm.tqdm(
                 eval_batches, desc="eval", disable=not self.is_main, leave=False, dynamic_ncols=True
             ):
                 local_batch = self.local_share(batch)
                 kl_estimate = self.kl_estimate([local_batch], metrics, "eval") if self.loss.is_unpaired else None
-                self.loss_and_metrics(self.policy, local_batch, metrics, "eval", kl_estimate)
+                self.loss_and_metrics(self.policy, local_batch, metrics, "eval", kl_estimate, margins)
         results = metrics.summed_over_ranks(self.device, self.data_world_size > 1).averages()
+        if self.loss.is_preference and not self.loss.is_unpaired:  # the same on every rank: all gather
+            self.run_log.write_margins(self.gather_objects(torch.cat(margins).tolist()), self.examples_seen)
         if self.config.sample_during_eval and self.config.n_eval_model_samples > 0 and not self.loss.is_reward_model:
             self.run_log.write_samples(self.sample(), self.examples_seen)
         self.policy.train()
@@ -359,10 +362,12 @@ class BasicTrainer:
         metrics: MetricSums,
         split: str,
         kl_estimate: torch.Tensor | None = None,
+        margins: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Forward pass(es) on a micro-batch of examples; adds its metrics and returns the summed loss.
 
         kl_estimate: KTO's z0 for the global batch this micro-batch belongs to (kl_estimate); None otherwise.
+        margins: a list that receives the pairs' reward margins (evaluate's histogram); None: not kept.
         """
         if self.loss.is_unpaired:
             return self.unpaired_loss_and_metrics(model, examples, metrics, split, kl_estimate)
@@ -390,7 +395,24 @@ class BasicTrainer:
         metrics.add(f"rewards_{split}/accuracies", (chosen_rewards > rejected_rewards).double())
         metrics.add(f"rewards_{split}/margins", chosen_rewards - rejected_rewards)
         metrics.add(f"loss/{split}", losses)
+        self.add_pair_diagnostics(metrics, split, chosen, reference_chosen, chosen_rewards - rejected_rewards,
+                                  chosen_tokens - rejected_tokens)  # fmt: skip
+        if margins is not None:
+            margins.append((chosen_rewards - rejected_rewards).float().cpu())
         return losses.sum()
+
+    def add_pair_diagnostics(self, metrics: MetricSums, split: str, chosen, reference_chosen, margins, length_gaps):
+        """Two signals that reward accuracy hides, each (batch,) in, exact like the other metrics.
+
+        likelihood displacement: the share of pairs whose chosen response the policy now finds less
+        likely than the reference does (DPO can raise the margin while pushing both responses down;
+        Razin et al., 2024, arXiv:2410.08847); only where the loss compares with a reference.
+        margin_length_correlation: Pearson's r between each pair's reward margin and its length gap
+        (chosen minus rejected tokens): near 1, the model may be learning length rather than quality.
+        """
+        if self.loss.uses_reference:
+            metrics.add(f"displacement_{split}/chosen_below_reference", (chosen < reference_chosen).double())
+        metrics.add_correlation(f"rewards_{split}/margin_length_correlation", margins, length_gaps.double())
 
     def unpaired_loss_and_metrics(
         self, model: nn.Module, examples: list[dict], metrics: MetricSums, split: str, kl_estimate: torch.Tensor

@@ -30,6 +30,7 @@ from matplotlib.ticker import EngFormatter
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
+MARGINS_DIR = "margins"  # the trainer's eval reward margins (run_log.write_margins)
 PLOTS_DIR = "plots"
 REPORT_FILE = "report.html"
 EXAMPLES_KEY = "counters/examples"
@@ -128,6 +129,26 @@ PICTURES = (
         "nats",
         (Series("kl/train", "train", "C1"), Series("kl/eval", "eval", "C1")),
     ),
+    Picture(
+        "displacement",
+        "Likelihood displacement: share of pairs whose chosen response fell below the reference",
+        "share of pairs",
+        (
+            Series("displacement_train/chosen_below_reference", "train", "C3"),
+            Series("displacement_eval/chosen_below_reference", "eval", "C3"),
+        ),
+        y_limits=(-0.02, 1.02),
+    ),
+    Picture(
+        "margin_length_correlation",
+        "Correlation of reward margin with length gap (chosen minus rejected tokens)",
+        "Pearson r",
+        (
+            Series("rewards_train/margin_length_correlation", "train", "C4"),
+            Series("rewards_eval/margin_length_correlation", "eval", "C4"),
+        ),
+        y_limits=(-1.02, 1.02),
+    ),
     Picture("grad_norm", "Gradient norm before clipping", "norm", (Series("grad_norm", "train", "C1"),)),
     Picture("lr", "Learning rate", "learning rate", (Series("lr", "train", "C4"),)),
 )
@@ -146,8 +167,37 @@ def write_run_report(run_dir: Path) -> list[Path]:
             png = png_bytes(figure)
             written.append(write_atomically(run_dir / PLOTS_DIR / f"{picture.name}.png", png))
             pngs.append((picture, png))
+    margins_file = newest_margins_file(run_dir)
+    if margins_file is not None:
+        picture, figure = draw_margin_histogram(margins_file)
+        png = png_bytes(figure)
+        written.append(write_atomically(run_dir / PLOTS_DIR / f"{picture.name}.png", png))
+        pngs.append((picture, png))
     written.append(write_atomically(run_dir / REPORT_FILE, report_html(run_dir, records, pngs).encode()))
     return written
+
+
+def newest_margins_file(run_dir: Path) -> Path | None:
+    """margins/examples-<N>.json of the latest evaluation (the trainer writes one per evaluation), or None."""
+    files = list((run_dir / MARGINS_DIR).glob("examples-*.json"))
+    return max(files, key=lambda path: int(path.stem.removeprefix("examples-")), default=None)
+
+
+def draw_margin_histogram(margins_file: Path) -> tuple[Picture, Figure]:
+    """The eval pairs' reward margins at one evaluation: how many pairs the model separates, and by how much."""
+    margins = json.loads(margins_file.read_text())
+    examples = margins_file.stem.removeprefix("examples-")
+    picture = Picture("margin_histogram", f"Reward margins of the eval pairs after {examples} examples", "pairs", ())
+    figure = Figure(figsize=FIGURE_INCHES, dpi=FIGURE_DPI)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.hist(margins, bins=min(50, max(5, len(margins) // 10)), color="C0")
+    axes.axvline(0.0, color="grey", linewidth=0.8, linestyle="--")
+    below = sum(m <= 0 for m in margins)
+    axes.set(title=picture.title, xlabel=f"chosen - rejected reward ({below} of {len(margins)} pairs at or below 0)",
+             ylabel=picture.y_label)  # fmt: skip
+    figure.subplots_adjust(left=0.11, right=0.98, bottom=0.15, top=0.9)
+    return picture, figure
 
 
 def overlay_runs(run_dirs: Sequence[Path], out_dir: Path) -> list[Path]:

@@ -26,6 +26,7 @@ from errors import ConfigError
 RUN_CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_DIR = "samples"
+MARGINS_DIR = "margins"  # eval reward margins, one JSON list per evaluation (the report's histogram)
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -64,6 +65,9 @@ def save_config(config: DictConfig, run_dir: Path) -> None:
     (run_dir / RUN_CONFIG_FILE).write_text(OmegaConf.to_yaml(config, resolve=True))
 
 
+MOMENT = "#moment-"  # marks the sums behind a correlation (MetricSums.add_correlation); never logged
+
+
 class MetricSums:
     """Exact averages over micro-batches, steps and ranks: keep sums and counts, then divide.
 
@@ -80,6 +84,16 @@ class MetricSums:
         values = values.detach().double()
         self.sums[name] = self.sums.get(name, 0.0) + values.sum()
         self.counts[name] = self.counts.get(name, 0.0) + (values.numel() if count is None else count)
+
+    def add_correlation(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add per-example pairs (x, y); `name` is then reported as their Pearson correlation over all added.
+
+        Kept as five exact averages (x, y, x², y², xy), so the correlation is exact over micro-batches,
+        steps and ranks too.
+        """
+        x, y = x.detach().double(), y.detach().double()
+        for moment, values in (("x", x), ("y", y), ("xx", x * x), ("yy", y * y), ("xy", x * y)):
+            self.add(f"{name}{MOMENT}{moment}", values)
 
     def merge(self, other: "MetricSums") -> None:
         for name in other.sums:
@@ -103,10 +117,15 @@ class MetricSums:
         return total
 
     def averages(self) -> dict[str, float]:
-        return {
-            n: float(self.sums[n]) / float(self.counts[n]) if self.counts[n] else float("nan")
-            for n in sorted(self.sums)
-        }
+        means = {n: float(self.sums[n]) / float(self.counts[n]) if self.counts[n] else float("nan") for n in self.sums}
+        results = {n: value for n, value in means.items() if MOMENT not in n}
+        for name in {n.split(MOMENT)[0] for n in means if MOMENT in n}:
+            moment = {m: means[f"{name}{MOMENT}{m}"] for m in ("x", "y", "xx", "yy", "xy")}
+            variance_x, variance_y = moment["xx"] - moment["x"] ** 2, moment["yy"] - moment["y"] ** 2
+            covariance = moment["xy"] - moment["x"] * moment["y"]
+            spread = math.sqrt(variance_x * variance_y) if variance_x > 0 and variance_y > 0 else 0.0
+            results[name] = covariance / spread if spread > 0 else float("nan")  # nan: one side constant
+        return dict(sorted(results.items()))
 
 
 class RunLog:
@@ -167,6 +186,13 @@ class RunLog:
         start = time.perf_counter()
         written = plots.write_run_report(self.run_dir)
         print(f"report: {written[-1]} ({len(written) - 1} pictures, {time.perf_counter() - start:.2f} s)", flush=True)
+
+    def write_margins(self, margins: list[float], examples_seen: int) -> None:
+        """margins/examples-<examples_seen>.json: every eval pair's reward margin, for the report's histogram."""
+        if not self.is_main:
+            return
+        (self.run_dir / MARGINS_DIR).mkdir(exist_ok=True)
+        (self.run_dir / MARGINS_DIR / f"examples-{examples_seen}.json").write_text(json.dumps(margins) + "\n")
 
     def write_samples(self, samples: list[dict], examples_seen: int) -> None:
         """samples/examples-<examples_seen>.jsonl, one {"prompt", "policy"[, "reference"]} object per line."""

@@ -2,6 +2,8 @@
 
 import ast
 import errno
+import json
+import math
 import os
 import re
 import subprocess
@@ -19,6 +21,7 @@ import train
 from config_checks import validate_config
 from loss_registry import LOSSES, LossDefinition, LossSpec, loss_config_problems
 from reference import AdapterOff, CachedReference, NoReference, PrecomputeReference, ReferenceModel
+from run_log import MetricSums
 from trainers import TRAINERS, BasicTrainer, FSDPTrainer, TensorParallelTrainer
 from utils import free_port
 
@@ -228,3 +231,37 @@ def test_keep_training_runs_again_after_each_preemption_and_passes_other_codes_o
         env={**os.environ, "KEEP_TRAINING_MAX_RUNS": "2"},
     )
     assert limited.returncode == 75 and counter.read_text() == "2\n"
+
+
+# ----- what evaluations show besides reward accuracy ------------------------------------------
+
+
+def test_a_correlation_added_in_pieces_is_the_correlation_of_everything():
+    x, y = torch.randn(40, dtype=torch.float64), torch.randn(40, dtype=torch.float64)
+    y = y + 0.5 * x
+    whole, pieces = MetricSums(), MetricSums()
+    whole.add_correlation("r", x, y)
+    for start in range(0, 40, 7):  # uneven micro-batches, as the last eval batch is
+        pieces.add_correlation("r", x[start : start + 7], y[start : start + 7])
+    expected = torch.corrcoef(torch.stack([x, y]))[0, 1].item()
+    assert whole.averages() == pytest.approx({"r": expected}) and pieces.averages() == pytest.approx({"r": expected})
+    constant = MetricSums()
+    constant.add_correlation("r", torch.ones(3), torch.arange(3.0))
+    assert math.isnan(constant.averages()["r"])
+
+
+def test_evaluations_log_displacement_and_the_length_correlation_and_draw_the_margins(tmp_path, tokenized):
+    overrides = TWO_STEPS[:-1] + ["plots.enabled=true", "do_first_eval=true"]
+    trainer = build(tmp_path, "run", overrides, tokenized)
+    trainer.train()
+    evals = [
+        r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "loss/eval" in r
+    ]
+    assert evals[0]["displacement_eval/chosen_below_reference"] == 0.0  # before any update policy == reference
+    assert 0.0 <= evals[-1]["displacement_eval/chosen_below_reference"] <= 1.0
+    margins = json.loads((tmp_path / "run" / "margins" / "examples-16.json").read_text())
+    assert len(margins) == 16 and sum(margins) / 16 == pytest.approx(evals[-1]["rewards_eval/margins"], abs=1e-6)
+    # the embedded task's answers all have the same length, so the correlation is undefined there: nan, not 0
+    gaps = {len(e["chosen_input_ids"]) - len(e["rejected_input_ids"]) for e in trainer.eval_examples}
+    assert gaps == {0} and math.isnan(evals[-1]["rewards_eval/margin_length_correlation"])
+    assert "Reward margins of the eval pairs after 16 examples" in (tmp_path / "run" / "report.html").read_text()
