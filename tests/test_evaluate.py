@@ -488,6 +488,8 @@ def test_every_bad_input_is_reported_before_anything_loads(folders, server, tmp_
         compose_config_for_evaluate(["policy=x", "judge=nope"])
     with pytest.raises(ConfigCompositionException):
         compose_config_for_evaluate(["policy=x", "n_promts=3"])  # misspelt keys are refused
+    with pytest.raises(ConfigError, match=r"(?s)model=\.\.\.: not a setting .*n_promts=\.\.\.: not a setting"):
+        evaluate.evaluate(eval_config(folders, tmp_path / "out", "judge=rule", "+model=tiny", "+n_promts=3"))
     assert not (tmp_path / "out").exists()
 
 
