@@ -19,6 +19,7 @@ ENDPOINTS = ("completions", "chat")
 DEVICES = ("auto", "cuda", "cpu")
 ADAPTER_DIR = "adapter"  # a LoRA checkpoint's adapter folder (checkpoints.py's layout)
 DEFAULT_OUT_ROOT = Path(".cache/dpo/evaluations")
+CONFIG_FILE = Path(__file__).resolve().parent.parent / "config" / "evaluate.yaml"
 # settings that decide what generations.jsonl holds: a rerun into the same out_dir must keep them
 GENERATION_KEYS = (
     "policy", "baseline", "datasets", "dataset_paths", "dataset_options", "split", "n_prompts", "seed",
@@ -193,13 +194,24 @@ def server_problems(config: DictConfig, judge: JudgeRow | None) -> list[str]:
     return [p for p in problems if p]
 
 
+def _foreign_key_problems(config: DictConfig) -> list[str]:
+    """Keys added with +key=value, and train.py's groups (+model=, +loss=), which evaluate.py would ignore."""
+    declared = set(OmegaConf.load(CONFIG_FILE)) - {"defaults"} | {"judge"}
+    return [
+        f"{key}=...: not a setting of evaluate.py (config/evaluate.yaml declares them all); remove it. "
+        "train.py's model= and loss= do not apply: the models come from their folders (policy=, baseline=)."
+        for key in sorted(set(config) - declared)
+    ]
+
+
 def check_config(config: DictConfig) -> EvaluationPlan:
     """Every problem with the configuration, raised at once as a ConfigError; else the plan it implies.
 
     The servers are asked only once everything else is right (so a missing key is reported as
     such, not as a refused request); nothing here loads a model or a dataset.
     """
-    problems = _number_problems(config) + _choice_problems(config) + _model_problems(config)
+    problems = _foreign_key_problems(config) + _number_problems(config) + _choice_problems(config)
+    problems += _model_problems(config)
     judge, judge_problems = _judge_problems(config)
     datasets, dataset_paths, dataset_options, data_problems = data_settings(config)
     problems += judge_problems + data_problems

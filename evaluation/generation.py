@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from transformers import GenerationConfig
 
 from errors import DatasetError
 from evaluation.loading import EvalPrompt, prompt_token_ids, server_prompt, stop_token_ids
@@ -138,13 +139,12 @@ def generate_in_process(
         if temperature > 0:
             sampling = {"do_sample": True, "temperature": temperature, "top_p": settings.top_p, "top_k": 0}
             torch.manual_seed(batch_seed(settings.seed, temperature, batch[0]))
+        # a config of our own, not the model's generation_config.json: every model (and its repetition
+        # penalty, top_k, ...) samples the same way, as the evaluation's settings say
+        generation_config = GenerationConfig(max_new_tokens=settings.max_new_tokens, eos_token_id=stop_ids,
+                                             pad_token_id=tokenizer.pad_token_id, **sampling)  # fmt: skip
         sequences = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=settings.max_new_tokens,
-            eos_token_id=stop_ids,
-            pad_token_id=tokenizer.pad_token_id,
-            **sampling,
+            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=generation_config
         )
         responses = [cut_at_stop(tokens, stop_ids) for tokens in sequences[:, ids.shape[1] :].tolist()]
         yield [(p, tokenizer.decode(r, skip_special_tokens=True), r) for p, r in zip(batch, responses)]

@@ -123,7 +123,6 @@ class PairwiseLLMJudge:
         self.pattern = re.compile(settings.verdict_pattern)
         self.client = make_client(settings.base_url, settings.api_key_env, settings.timeout_s)
         self.cache = ReplyCache(resolve_path(settings.cache_file))
-        self.n_replies = 0  # replies received from the server (not from the cache) by this judge
         self.refused: dict[str, str] = {}  # requests the server refused (4xx): the refusal, shown as the reply
 
     def fill(self, prompt: str, response_a: str, response_b: str) -> str:
@@ -132,6 +131,7 @@ class PairwiseLLMJudge:
         return filled.replace("{response_a}", response_a).replace("{response_b}", response_b)
 
     def cache_key(self, prompt: str, response_a: str, response_b: str) -> str:
+        """What decides a reply: the judge model, the template, the texts as shown, the judge's sampling settings."""
         settings = self.settings
         identity = [settings.model, self.template, prompt, response_a, response_b, settings.temperature,
                     settings.max_tokens]  # fmt: skip
@@ -190,8 +190,6 @@ class PairwiseLLMJudge:
                 self.refused[key] = f"(request refused: {refusal})"
             return
         self.cache.add(key, reply)
-        with self.cache.lock:
-            self.n_replies += 1
 
     def judgment(self, orders: list[tuple[str, tuple[str, str, str]]], replies: dict[str, str | None]) -> Judgment:
         verdicts, shares = [], []

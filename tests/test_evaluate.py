@@ -441,26 +441,6 @@ def test_outputs_land_in_the_run_folder_and_its_report(self_evaluation, folders)
 # ----- resuming -----------------------------------------------------------------------------------------
 
 
-def test_generation_resumed_after_an_interruption_loses_nothing(folders, tmp_path):
-    overrides = ("judge=rule", f"baseline={folders['other']}", "temperatures=[0.0,0.7]")
-    first = evaluate.evaluate(eval_config(folders, tmp_path / "out", *overrides))
-    path = tmp_path / "out" / "generations.jsonl"
-    lines = path.read_text().splitlines(keepends=True)
-    assert first.n_generated == len(lines) == 2 * 2 * N_PROMPTS
-    path.write_text("".join(lines[:5]) + lines[5][:20])  # killed while writing line 6
-    resumed = evaluate.evaluate(eval_config(folders, tmp_path / "out", *overrides))
-    assert resumed.n_generated == len(lines) - 5
-    after = path.read_text().splitlines(keepends=True)
-    assert after[:5] == lines[:5] and len(after) == len(lines)
-    greedy = lambda rows: sorted(r for r in rows if '"temperature": 0.0' in r)  # noqa: E731
-    assert greedy(after) == greedy(lines)  # the regenerated greedy responses are the same
-    assert resumed.summary["temperatures"]["0.0"] == first.summary["temperatures"]["0.0"]
-    again = evaluate.evaluate(eval_config(folders, tmp_path / "out", *overrides))
-    assert again.n_generated == 0
-    with pytest.raises(ConfigError, match="n_prompts: 6 there, 5 now"):
-        evaluate.evaluate(eval_config(folders, tmp_path / "out", *overrides, "n_prompts=5"))
-
-
 # ----- bad inputs: one clear error before any model loads ------------------------------------------------
 
 
@@ -489,6 +469,8 @@ def test_every_bad_input_is_reported_before_anything_loads(folders, server, tmp_
         compose_config_for_evaluate(["policy=x", "judge=nope"])
     with pytest.raises(ConfigCompositionException):
         compose_config_for_evaluate(["policy=x", "n_promts=3"])  # misspelt keys are refused
+    with pytest.raises(ConfigError, match=r"(?s)model=\.\.\.: not a setting .*n_promts=\.\.\.: not a setting"):
+        evaluate.evaluate(eval_config(folders, tmp_path / "out", "judge=rule", "+model=tiny", "+n_promts=3"))
     assert not (tmp_path / "out").exists()
 
 
@@ -575,3 +557,31 @@ def test_every_evaluate_command_in_the_readme_composes():
         assert config.judge.name in ("openai", "reward_model", "rule")
     for path in re.findall(r"config/judge_prompts/\w+\.txt", section):
         assert (REPO_ROOT / path).is_file(), path
+
+
+def test_an_evaluation_killed_while_generating_continues_where_it_stopped(folders, tmp_path):
+    """SIGKILL the command line after a few batches; rerunning it keeps them and generates only the rest."""
+    out_dir = tmp_path / "out"
+    overrides = [f"policy={folders['policy']}", f"out_dir={out_dir}", "judge=rule", "n_prompts=200",
+                 "generation.max_new_tokens=6", "temperatures=[0.0]", "metrics.bootstrap_resamples=200"]  # fmt: skip
+    command = [sys.executable, str(REPO_ROOT / "evaluate.py"), *overrides, "generation.batch_size=1"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    path = out_dir / "generations.jsonl"
+    try:
+        while process.poll() is None and (not path.is_file() or path.read_text().count("\n") < 3):
+            time.sleep(0.01)
+        process.kill()  # SIGKILL: no handler runs, the file is as the kill left it
+    finally:
+        process.wait(timeout=60)
+    kept = path.read_text().splitlines(keepends=True)
+    kept = kept if kept[-1].endswith("\n") else kept[:-1]
+    assert 3 <= len(kept) < 200
+    with open(path, "a") as file:  # as a kill in the middle of a write would leave it
+        file.write('{"model": "policy", "temperature": 0.0, "prompt_id": "cut sh')
+    resumed = evaluate.evaluate(compose_config_for_evaluate(overrides))
+    assert resumed.n_generated == 200 - len(kept)
+    lines = path.read_text().splitlines(keepends=True)
+    assert lines[: len(kept)] == kept and len({json.loads(line)["prompt_id"] for line in lines}) == len(lines) == 200
+    assert evaluate.evaluate(compose_config_for_evaluate(overrides)).n_generated == 0
+    with pytest.raises(ConfigError, match="n_prompts: 200 there, 100 now"):
+        evaluate.evaluate(compose_config_for_evaluate([*overrides, "n_prompts=100"]))

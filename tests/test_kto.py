@@ -147,6 +147,13 @@ def test_mismatched_completions_are_a_fixed_derangement_of_the_completions():
     assert sorted(m for _, _, m, _ in items) == sorted(completions), "each completion is some other example's once"
 
 
+def test_one_distinct_completion_cannot_give_mismatched_ones():
+    data = {"Q?": PreferenceEntry([" a"], [], " a", feedback=[(0, True)]), "R?": PreferenceEntry([" a"], [], " a")}
+    data["R?"].feedback.append((0, False))
+    with pytest.raises(DatasetError, match="KTO needs at least two different completions"):
+        with_mismatched_completions(data)
+
+
 def test_an_unpaired_file_tokenizes_with_labels_and_mismatched_completions_under_the_template(tmp_path):
     tokenizer = chat_tokenizer()
     rows = [
