@@ -95,6 +95,11 @@ def make_pairs(config: DictConfig) -> PairsResult:
 def check_config(config: DictConfig) -> PairsPlan:
     """Every problem with the configuration, raised at once as a ConfigError; else the plan it implies."""
     problems = [model_folder_problem("policy", config.policy), chat_template_problem(str(config.chat_template))]
+    declared = set(OmegaConf.load(CONFIG_DIR / "make_pairs.yaml")) - {"defaults"} | {"judge", "generation"}
+    problems += [
+        f"{key}=...: not a setting of make_pairs.py (config/make_pairs.yaml declares them all); remove it."
+        for key in sorted(set(config) - declared)
+    ]  # keys added with +key=value, which struct mode lets through
     for key in ("n_prompts", "samples_per_prompt", "max_prompt_length"):
         value = config[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < (2 if key == "samples_per_prompt" else 1):

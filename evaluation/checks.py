@@ -196,7 +196,7 @@ def server_problems(config: DictConfig, judge: JudgeRow | None) -> list[str]:
 
 def _foreign_key_problems(config: DictConfig) -> list[str]:
     """Keys added with +key=value, and train.py's groups (+model=, +loss=), which evaluate.py would ignore."""
-    declared = set(OmegaConf.load(CONFIG_FILE)) - {"defaults"} | {"judge"}
+    declared = set(OmegaConf.load(CONFIG_FILE)) - {"defaults"} | {"judge", "generation"}  # the groups
     return [
         f"{key}=...: not a setting of evaluate.py (config/evaluate.yaml declares them all); remove it. "
         "train.py's model= and loss= do not apply: the models come from their folders (policy=, baseline=)."

@@ -101,12 +101,13 @@ def test_a_killed_sampling_run_continues_where_it_stopped(policy, tmp_path):
 def test_every_bad_setting_is_reported_at_once_before_any_model_loads(tmp_path):
     config = pairs_config(
         tmp_path / "missing", tmp_path / "out", "samples_per_prompt=1", "temperature=0", "pairing=nearest",
-        "judge.scorer=nonsense",
+        "judge.scorer=nonsense", "+temprature=0.5",
     )  # fmt: skip
     with pytest.raises(ConfigError) as error:
         make_pairs.make_pairs(config)
     message = str(error.value)
-    for expected in ("policy=", "samples_per_prompt=1", "temperature=0", "pairing=nearest", "judge.scorer=nonsense"):
+    for expected in ("policy=", "samples_per_prompt=1", "temperature=0", "pairing=nearest", "judge.scorer=nonsense",
+                     "temprature=...: not a setting of make_pairs.py"):  # fmt: skip
         assert expected in message
     assert not (tmp_path / "out").exists()
 
