@@ -139,11 +139,14 @@ def prompt_token_ids(tokenizer, prompt: EvalPrompt, max_prompt_length: int) -> l
 
 
 def render_conversation(tokenizer, prompt: EvalPrompt, response: str) -> str:
-    """Prompt and response as one text for a scoring model: its chat template for conversations."""
-    if prompt.messages is None or not tokenizer.chat_template:
+    """Prompt and response as one text for a scoring model: text prompts as they are, conversations with
+    its chat template (the "\\n\\nHuman: ...\\n\\nAssistant:" format when it has none)."""
+    if prompt.messages is None:
         return prompt.text + response
     (text,) = render(tokenizer, [[*prompt.messages, {"role": "assistant", "content": response}]], False)
-    return text if text is not None else prompt.text + response
+    if text is None:
+        raise DatasetError(f"The reward model's chat template refuses the conversation {prompt.messages!r}.")
+    return text
 
 
 def server_prompt(tokenizer, prompt: EvalPrompt) -> str:

@@ -400,6 +400,29 @@ def test_reward_model_judge_scores_both_models_generations(folders, tmp_path):
     assert sorted({g["model"] for g in generations}) == ["baseline", "policy"]
 
 
+def test_reward_model_scores_conversations_under_its_own_chat_template(folders, tmp_path):
+    """Conversational data (demo-chat rows): the reward model reads each answer in its own template."""
+    import shutil
+
+    import chat_task
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text(
+        "".join(json.dumps(row) + "\n" for row in chat_task.preference_rows(chat_task.make_problems("test", 6)))
+    )
+    reward = tmp_path / "reward_with_template"
+    shutil.copytree(folders["reward"], reward)
+    tokenizer = AutoTokenizer.from_pretrained(reward)
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    tokenizer.save_pretrained(reward)
+    overrides = ("judge=reward_model", f"judge.path={reward}", f"datasets=[{data}]", "split=train", "baseline=none")
+    evaluate.evaluate(eval_config(folders, tmp_path / "out", *overrides))
+    records = read_jsonl(tmp_path / "out" / "judgments.jsonl")
+    assert len(records) == 5 and all(r["baseline"] is None and r["preference"] is None for r in records)
+    texts = [f"<user>{r['prompt'][0]['content']}<assistant>{r['policy']}" for r in records]
+    assert [r["policy_score"] for r in records] == pytest.approx(direct_rewards(reward, texts), abs=1e-4)
+
+
 @pytest.fixture(scope="module")
 def self_evaluation(folders, tmp_path_factory):
     """The policy against itself (reference too), at temperatures 0 and 1, by the reward model; default out_dir."""
