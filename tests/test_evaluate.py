@@ -584,7 +584,7 @@ def test_every_evaluate_command_in_the_readme_composes():
 def test_an_evaluation_killed_while_generating_continues_where_it_stopped(folders, tmp_path):
     """SIGKILL the command line after a few batches; rerunning it keeps them and generates only the rest."""
     out_dir = tmp_path / "out"
-    overrides = [f"policy={folders['policy']}", f"out_dir={out_dir}", "judge=rule", "n_prompts=200",
+    overrides = [f"policy={folders['policy']}", f"out_dir={out_dir}", "judge=rule", "n_prompts=60",
                  "generation.max_new_tokens=6", "temperatures=[0.0]", "metrics.bootstrap_resamples=200"]  # fmt: skip
     command = [sys.executable, str(REPO_ROOT / "evaluate.py"), *overrides, "generation.batch_size=1"]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -597,13 +597,13 @@ def test_an_evaluation_killed_while_generating_continues_where_it_stopped(folder
         process.wait(timeout=60)
     kept = path.read_text().splitlines(keepends=True)
     kept = kept if kept[-1].endswith("\n") else kept[:-1]
-    assert 3 <= len(kept) < 200
+    assert 3 <= len(kept) < 60
     with open(path, "a") as file:  # as a kill in the middle of a write would leave it
         file.write('{"model": "policy", "temperature": 0.0, "prompt_id": "cut sh')
     resumed = evaluate.evaluate(compose_config_for_evaluate(overrides))
-    assert resumed.n_generated == 200 - len(kept)
+    assert resumed.n_generated == 60 - len(kept)
     lines = path.read_text().splitlines(keepends=True)
-    assert lines[: len(kept)] == kept and len({json.loads(line)["prompt_id"] for line in lines}) == len(lines) == 200
+    assert lines[: len(kept)] == kept and len({json.loads(line)["prompt_id"] for line in lines}) == len(lines) == 60
     assert evaluate.evaluate(compose_config_for_evaluate(overrides)).n_generated == 0
-    with pytest.raises(ConfigError, match="n_prompts: 200 there, 100 now"):
-        evaluate.evaluate(compose_config_for_evaluate([*overrides, "n_prompts=100"]))
+    with pytest.raises(ConfigError, match="n_prompts: 60 there, 30 now"):
+        evaluate.evaluate(compose_config_for_evaluate([*overrides, "n_prompts=30"]))
