@@ -139,15 +139,18 @@ def prompt_token_ids(tokenizer, prompt: EvalPrompt, max_prompt_length: int) -> l
 
 
 def render_conversation(tokenizer, prompt: EvalPrompt, response: str) -> str:
-    """Prompt and response as one text for a scoring model: its chat template for conversations.
+    """Prompt and response as one text for a scoring model: text prompts as they are, conversations with
+    its chat template (the "\\n\\nHuman: ...\\n\\nAssistant:" format when it has none).
 
     A text response ends with the EOS token, as training tokenizes it (tokenization.py), so a reward
     model trained here reads its score at the token it was trained to score (reward_scores.py).
     """
-    if prompt.messages is None or not tokenizer.chat_template:
+    if prompt.messages is None:
         return prompt.text + response + (tokenizer.eos_token or "")
     (text,) = render(tokenizer, [[*prompt.messages, {"role": "assistant", "content": response}]], False)
-    return text if text is not None else prompt.text + response
+    if text is None:
+        raise DatasetError(f"The reward model's chat template refuses the conversation {prompt.messages!r}.")
+    return text
 
 
 def server_prompt(tokenizer, prompt: EvalPrompt) -> str:

@@ -401,6 +401,29 @@ def test_reward_model_judge_scores_both_models_generations(folders, tmp_path):
     assert sorted({g["model"] for g in generations}) == ["baseline", "policy"]
 
 
+def test_reward_model_scores_conversations_under_its_own_chat_template(folders, tmp_path):
+    """Conversational data (demo-chat rows): the reward model reads each answer in its own template."""
+    import shutil
+
+    import chat_task
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text(
+        "".join(json.dumps(row) + "\n" for row in chat_task.preference_rows(chat_task.make_problems("test", 6)))
+    )
+    reward = tmp_path / "reward_with_template"
+    shutil.copytree(folders["reward"], reward)
+    tokenizer = AutoTokenizer.from_pretrained(reward)
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    tokenizer.save_pretrained(reward)
+    overrides = ("judge=reward_model", f"judge.path={reward}", f"datasets=[{data}]", "split=train", "baseline=none")
+    evaluate.evaluate(eval_config(folders, tmp_path / "out", *overrides))
+    records = read_jsonl(tmp_path / "out" / "judgments.jsonl")
+    assert len(records) == 5 and all(r["baseline"] is None and r["preference"] is None for r in records)
+    texts = [f"<user>{r['prompt'][0]['content']}<assistant>{r['policy']}" for r in records]
+    assert [r["policy_score"] for r in records] == pytest.approx(direct_rewards(reward, texts), abs=1e-4)
+
+
 @pytest.fixture(scope="module")
 def self_evaluation(folders, tmp_path_factory):
     """The policy against itself (reference too), at temperatures 0 and 1, by the reward model; default out_dir."""
@@ -562,7 +585,7 @@ def test_every_evaluate_command_in_the_readme_composes():
 def test_an_evaluation_killed_while_generating_continues_where_it_stopped(folders, tmp_path):
     """SIGKILL the command line after a few batches; rerunning it keeps them and generates only the rest."""
     out_dir = tmp_path / "out"
-    overrides = [f"policy={folders['policy']}", f"out_dir={out_dir}", "judge=rule", "n_prompts=200",
+    overrides = [f"policy={folders['policy']}", f"out_dir={out_dir}", "judge=rule", "n_prompts=60",
                  "generation.max_new_tokens=6", "temperatures=[0.0]", "metrics.bootstrap_resamples=200"]  # fmt: skip
     command = [sys.executable, str(REPO_ROOT / "evaluate.py"), *overrides, "generation.batch_size=1"]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -575,13 +598,13 @@ def test_an_evaluation_killed_while_generating_continues_where_it_stopped(folder
         process.wait(timeout=60)
     kept = path.read_text().splitlines(keepends=True)
     kept = kept if kept[-1].endswith("\n") else kept[:-1]
-    assert 3 <= len(kept) < 200
+    assert 3 <= len(kept) < 60
     with open(path, "a") as file:  # as a kill in the middle of a write would leave it
         file.write('{"model": "policy", "temperature": 0.0, "prompt_id": "cut sh')
     resumed = evaluate.evaluate(compose_config_for_evaluate(overrides))
-    assert resumed.n_generated == 200 - len(kept)
+    assert resumed.n_generated == 60 - len(kept)
     lines = path.read_text().splitlines(keepends=True)
-    assert lines[: len(kept)] == kept and len({json.loads(line)["prompt_id"] for line in lines}) == len(lines) == 200
+    assert lines[: len(kept)] == kept and len({json.loads(line)["prompt_id"] for line in lines}) == len(lines) == 60
     assert evaluate.evaluate(compose_config_for_evaluate(overrides)).n_generated == 0
-    with pytest.raises(ConfigError, match="n_prompts: 200 there, 100 now"):
-        evaluate.evaluate(compose_config_for_evaluate([*overrides, "n_prompts=100"]))
+    with pytest.raises(ConfigError, match="n_prompts: 60 there, 30 now"):
+        evaluate.evaluate(compose_config_for_evaluate([*overrides, "n_prompts=30"]))
