@@ -382,8 +382,7 @@ def direct_rewards(reward_folder: Path, texts: list[str]) -> list[float]:
 
     tokenizer = AutoTokenizer.from_pretrained(reward_folder)
     model = AutoModelForSequenceClassification.from_pretrained(reward_folder).eval()
-    # a text response ends with EOS, as training tokenizes it (evaluation.loading.render_conversation)
-    return [model(**tokenizer(text + tokenizer.eos_token, return_tensors="pt")).logits[0, 0].item() for text in texts]
+    return [model(**tokenizer(text, return_tensors="pt")).logits[0, 0].item() for text in texts]
 
 
 def test_reward_model_judge_scores_both_models_generations(folders, tmp_path):
@@ -391,8 +390,9 @@ def test_reward_model_judge_scores_both_models_generations(folders, tmp_path):
                          f"baseline={folders['other']}")  # fmt: skip
     summary = evaluate.evaluate(config).summary["temperatures"]["0.0"]
     records = read_jsonl(tmp_path / "out" / "judgments.jsonl")
-    policy_rewards = direct_rewards(folders["reward"], [r["prompt"] + r["policy"] for r in records])
-    baseline_rewards = direct_rewards(folders["reward"], [r["prompt"] + r["baseline"] for r in records])
+    eos = AutoTokenizer.from_pretrained(folders["reward"]).eos_token  # text responses end with it, as in training
+    policy_rewards = direct_rewards(folders["reward"], [r["prompt"] + r["policy"] + eos for r in records])
+    baseline_rewards = direct_rewards(folders["reward"], [r["prompt"] + r["baseline"] + eos for r in records])
     assert [r["policy_score"] for r in records] == pytest.approx(policy_rewards, abs=1e-4)
     assert [r["baseline_score"] for r in records] == pytest.approx(baseline_rewards, abs=1e-4)
     assert [r["preference"] for r in records] == [float(p > b) for p, b in zip(policy_rewards, baseline_rewards)]
