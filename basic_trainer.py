@@ -73,6 +73,14 @@ class _LogWindow:
         return time.time() - self.start
 
 
+@dataclass(frozen=True)
+class UnpairedInputs:
+    """What KTO's loss on one micro-batch needs besides its examples, from the pass before the step."""
+
+    kl_estimate: torch.Tensor  # z0 of the whole global batch: a scalar, without gradient
+    reference_logps: torch.Tensor  # (micro_batch,) the reference's summed log-probs of each example's completion
+
+
 class BasicTrainer:
     """Trains the policy on one device (a GPU when there is one, else the CPU).
 
@@ -245,10 +253,12 @@ class BasicTrainer:
         # gradient reduction averages over ranks, hence the factor data_world_size.
         total_weight = self.global_loss_weight(micro_batches)
         metrics = MetricSums()
-        kl_estimate = self.kl_estimate(micro_batches, metrics, "train") if self.loss.is_unpaired else None
+        unpaired = self.unpaired_inputs(micro_batches, metrics, "train") if self.loss.is_unpaired else None
         for i, micro_batch in enumerate(micro_batches):
             self.set_gradient_sync(i == len(micro_batches) - 1)
-            loss_sum = self.loss_and_metrics(self.policy, micro_batch, metrics, "train", kl_estimate)
+            loss_sum = self.loss_and_metrics(
+                self.policy, micro_batch, metrics, "train", unpaired[i] if unpaired else None
+            )
             (loss_sum * self.data_world_size / total_weight).backward()
         grad_norm = self.clip_gradients()
         step_metrics = metrics.summed_over_ranks(self.device, self.data_world_size > 1)
@@ -290,8 +300,9 @@ class BasicTrainer:
                 eval_batches, desc="eval", disable=not self.is_main, leave=False, dynamic_ncols=True
             ):
                 local_batch = self.local_share(batch)
-                kl_estimate = self.kl_estimate([local_batch], metrics, "eval") if self.loss.is_unpaired else None
-                self.loss_and_metrics(self.policy, local_batch, metrics, "eval", kl_estimate, margins)
+                unpaired = self.unpaired_inputs([local_batch], metrics, "eval") if self.loss.is_unpaired else None
+                unpaired_batch = unpaired[0] if unpaired else None
+                self.loss_and_metrics(self.policy, local_batch, metrics, "eval", unpaired_batch, margins)
         results = metrics.summed_over_ranks(self.device, self.data_world_size > 1).averages()
         if self.loss.is_preference and not self.loss.is_unpaired:  # the same on every rank: all gather
             self.run_log.write_margins(self.gather_objects(torch.cat(margins).tolist()), self.examples_seen)
@@ -361,16 +372,16 @@ class BasicTrainer:
         examples: list[dict],
         metrics: MetricSums,
         split: str,
-        kl_estimate: torch.Tensor | None = None,
+        unpaired: UnpairedInputs | None = None,
         margins: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Forward pass(es) on a micro-batch of examples; adds its metrics and returns the summed loss.
 
-        kl_estimate: KTO's z0 for the global batch this micro-batch belongs to (kl_estimate); None otherwise.
+        unpaired: for KTO, the micro-batch's z0 and reference log-probs (unpaired_inputs); None otherwise.
         margins: a list that receives the pairs' reward margins (evaluate's histogram); None: not kept.
         """
         if self.loss.is_unpaired:
-            return self.unpaired_loss_and_metrics(model, examples, metrics, split, kl_estimate)
+            return self.unpaired_loss_and_metrics(model, examples, metrics, split, unpaired)
         if not self.loss.is_preference:
             input_ids, labels = [e["chosen_input_ids"] for e in examples], [e["chosen_labels"] for e in examples]
             logps, _ = self.sequence_logps(model, input_ids, labels)
@@ -415,7 +426,7 @@ class BasicTrainer:
         metrics.add_correlation(f"rewards_{split}/margin_length_correlation", margins, length_gaps.double())
 
     def unpaired_loss_and_metrics(
-        self, model: nn.Module, examples: list[dict], metrics: MetricSums, split: str, kl_estimate: torch.Tensor
+        self, model: nn.Module, examples: list[dict], metrics: MetricSums, split: str, unpaired: UnpairedInputs
     ) -> torch.Tensor:
         """KTO on a micro-batch: each example's completion (the chosen side) scored with gradient against z0.
 
@@ -425,9 +436,8 @@ class BasicTrainer:
         logps, _ = self.sequence_logps(
             model, [e["chosen_input_ids"] for e in examples], [e["chosen_labels"] for e in examples]
         )
-        reference_logps, _ = self.reference.pair_logps(examples, split)
         desirable = torch.tensor([e["desirable"] for e in examples], device=logps.device)
-        losses, rewards = self.loss.unpaired_losses(logps, reference_logps, kl_estimate, desirable)
+        losses, rewards = self.loss.unpaired_losses(logps, unpaired.reference_logps, unpaired.kl_estimate, desirable)
         for label, selected in (("desirable", desirable), ("undesirable", ~desirable)):
             metrics.add(f"rewards_{split}/{label}", rewards[selected])
             metrics.add(f"logps_{split}/{label}", logps[selected])
@@ -435,26 +445,28 @@ class BasicTrainer:
         return losses.sum()
 
     @torch.no_grad()
-    def kl_estimate(self, micro_batches: list[list[dict]], metrics: MetricSums, split: str) -> torch.Tensor:
-        """KTO's z0 for a global batch (its micro-batches on all data ranks), without gradient; logged as kl/<split>.
+    def unpaired_inputs(self, micro_batches: list[list[dict]], metrics: MetricSums, split: str) -> list[UnpairedInputs]:
+        """KTO, before a step: z0 of the global batch (its micro-batches on all data ranks), logged as kl/<split>.
 
         z0 = max(0, mean over the batch of log pi(y'|x) - log pi_ref(y'|x)), y' each example's mismatched
-        completion (its rejected side: preference_entry.with_mismatched_completions). Summed and counted
-        over ranks, so one device and several give the same z0. A live reference scores each micro-batch
-        here and again in its loss (precompute_ref_logps=true scores the run once instead).
+        completion (its rejected side: preference_entry.with_mismatched_completions), without gradient.
+        Summed and counted over ranks, so one device and several give the same z0. The reference scores
+        both sides of each micro-batch here, once; its completions' log-probs are kept for the loss.
         """
-        log_ratios = MetricSums()
+        log_ratios, reference_logps = MetricSums(), []
         for micro_batch in micro_batches:
             policy_mismatched, _ = self.sequence_logps(
                 self.policy, [e["rejected_input_ids"] for e in micro_batch], [e["rejected_labels"] for e in micro_batch]
             )
-            _, reference_mismatched = self.reference.pair_logps(micro_batch, split)
+            reference_completion, reference_mismatched = self.reference.pair_logps(micro_batch, split)
             log_ratios.add("mismatched", policy_mismatched - reference_mismatched)
+            reference_logps.append(reference_completion)
         total = log_ratios.summed_over_ranks(self.device, self.data_world_size > 1)
         kl_estimate = kto_kl_estimate(torch.tensor(total.sums["mismatched"]), total.counts["mismatched"])
         # one value per rank, counted once on each, so that the sum over ranks averages back to z0
         metrics.add(f"kl/{split}", kl_estimate.reshape(1))
-        return kl_estimate.to(self.device, torch.float32)
+        kl_estimate = kl_estimate.to(self.device, torch.float32)
+        return [UnpairedInputs(kl_estimate, logps) for logps in reference_logps]
 
     def warn_about_class_balance(self) -> None:
         """KTO: say when lambda_D n_D / (lambda_U n_U) over the training examples leaves the paper's advised range."""

@@ -54,7 +54,7 @@ def template_syntax_error(template: str) -> str | None:
     try:
         _compile_jinja_template(template)
     except jinja2.TemplateSyntaxError as error:  # also an unknown filter or test (TemplateAssertionError)
-        return f"line {error.lineno}: {error.message}"
+        return f"line {error.lineno}: {(error.message or 'syntax error').rstrip('.')}"
     return None
 
 

@@ -1,5 +1,6 @@
 """Loading tokenizers and models (pretrained, from an earlier stage, or built fresh), and naming their weights."""
 
+import ctypes
 import hashlib
 import re
 from collections import Counter
@@ -56,6 +57,25 @@ def local_model_problem(key: str, name_or_path: str | None) -> str | None:
         if damage:
             return f"{key}={name_or_path}: {damage}. Download or copy the model again."
     return None
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's own starting value
+
+
+def keep_large_allocations_returnable() -> None:
+    """Serve every CPU allocation of 128 KiB or more (every activation tensor) by mmap, returned when freed.
+
+    glibc raises this threshold each time a large block is freed (up to 32 MiB), after which activation
+    tensors come from its heap, which fragments and is never given back: measured on SmolLM2-135M
+    (benchmarks/lora_memory.py --shape real), a LoRA step then peaked at 6.0-6.4 GB and stayed there
+    instead of 3.9-4.0 GB live. Fixing the threshold stops the raise. No-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):
+        pass
 
 
 def load_tokenizer(model_config: DictConfig) -> transformers.PreTrainedTokenizerBase:

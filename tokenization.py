@@ -701,7 +701,7 @@ def _shaped_for_the_loss(
         return data
     if settings.pairs_as_unpaired:
         data = preference_entry.pairs_as_feedback(data)
-    elif any(entry.pairs for entry in data.values()) and not has_feedback:
+    elif any(entry.pairs for entry in data.values()):  # mixed with feedback too: never left out silently
         raise DatasetError(
             f"Dataset {name!r} holds preference pairs; loss=kto trains on unpaired feedback. Set "
             "pairs_as_unpaired=true to use each pair's chosen response as desirable and its rejected one as "

@@ -27,7 +27,7 @@ from config_checks import validate_config
 from dataset_loading import register_config_schema
 from errors import USER_ERRORS, ConfigError, DatasetError
 from loss_registry import LossSpec
-from models import block_class_name, check_model_matches, load_model, load_tokenizer
+from models import block_class_name, check_model_matches, keep_large_allocations_returnable, load_model, load_tokenizer
 from reference import AdapterOff, CachedReference, NoReference, PrecomputeReference, Reference, ReferenceModel
 from reference_logps import ReferencePlan
 from run_log import check_run_dir_shared, make_run_dir, save_config
@@ -178,6 +178,8 @@ def train_worker(rank: int, world_size: int, config: DictConfig, run_dir: Path |
         # processes sharing this machine's cores would otherwise each start one thread per core
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
     seed_everything(config.seed)
+    if device.type == "cpu":
+        keep_large_allocations_returnable()  # or activations stay resident after each step (models.py)
     signals_before_training = stopping.PreemptionSignals(at_once=True)  # the training loop installs its own
     signals_before_training.install()
     try:

@@ -249,8 +249,12 @@ def test_kl_estimate_equals_a_direct_computation_over_micro_batches(kto_trainer,
     table[:6, 1] = policy - offset
     kto_trainer.reference = CachedReference({"train": table})
     kto_trainer.reference.attach(kto_trainer)
+    table[:6, 0] = torch.arange(6.0)  # the completions' reference log-probs, handed on to the loss
     metrics = MetricSums()
-    estimate = kto_trainer.kl_estimate([examples[:2], examples[2:]], metrics, "train")
+    inputs = kto_trainer.unpaired_inputs([examples[:2], examples[2:]], metrics, "train")
+    assert [i.reference_logps.tolist() for i in inputs] == [[0.0, 1.0], [2.0, 3.0, 4.0, 5.0]]
+    estimate = inputs[0].kl_estimate
+    assert all(i.kl_estimate is estimate for i in inputs)  # one z0 for the whole batch
     assert estimate.item() == pytest.approx(max(0.0, offset), abs=1e-5)
     assert not estimate.requires_grad and any(p.requires_grad for p in kto_trainer.policy.parameters())
     assert metrics.averages()["kl/train"] == pytest.approx(max(0.0, offset), abs=1e-5)
