@@ -32,6 +32,8 @@ def test_fsdp_and_tensor_parallel_match_one_device(loss, tmp_path):
         "FSDPTrainer": 2,
         "TensorParallelTrainer": 2,
     }
+    if loss == "reward":  # the score head is replicated under tensor parallel: the backbone is dpo's, tested there
+        del runs["TensorParallelTrainer"]
     records, weights = {}, {}
     for trainer, n_processes in runs.items():
         overrides = equivalence_overrides(loss) + [f"trainer={trainer}"]
@@ -68,12 +70,12 @@ def test_fsdp_and_tensor_parallel_match_one_device(loss, tmp_path):
     assert "loss/train" in keys and (loss == "sft" or "rewards_train/margins" in keys or "kl/train" in keys)
     if loss == "reward":  # the score head's weights took part in the comparison below
         assert any(name.startswith("score.") for name in weights["BasicTrainer"])
-    for trainer in ("FSDPTrainer", "TensorParallelTrainer"):
+    for trainer in [name for name in runs if name != "BasicTrainer"]:
         assert len(records[trainer]) == 10
         for step, (expected, actual) in enumerate(zip(basic, records[trainer])):
             assert actual["counters/examples"] == expected["counters/examples"]
             for key in keys:
-                if step == 0 and key.endswith("accuracies"):
+                if step == 0 and key.endswith(("accuracies", "margin_length_correlation", "chosen_below_reference")):
                     # before the first update policy == reference: every reward is 0 up to rounding,
                     # and "chosen > rejected" of rounding noise is a coin flip (margins still compared)
                     continue
