@@ -88,6 +88,8 @@ class MetricSums:
     def add_correlation(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add per-example pairs (x, y); `name` is then reported as their Pearson correlation over all added.
 
+        Where x or y never varies the correlation is undefined and `name` is left out of averages().
+
         Kept as five exact averages (x, y, x², y², xy), so the correlation is exact over micro-batches,
         steps and ranks too.
         """
@@ -123,8 +125,8 @@ class MetricSums:
             moment = {m: means[f"{name}{MOMENT}{m}"] for m in ("x", "y", "xx", "yy", "xy")}
             variance_x, variance_y = moment["xx"] - moment["x"] ** 2, moment["yy"] - moment["y"] ** 2
             covariance = moment["xy"] - moment["x"] * moment["y"]
-            spread = math.sqrt(variance_x * variance_y) if variance_x > 0 and variance_y > 0 else 0.0
-            results[name] = covariance / spread if spread > 0 else float("nan")  # nan: one side constant
+            if variance_x > 0 and variance_y > 0:  # else one side is constant: no correlation exists, none is logged
+                results[name] = covariance / math.sqrt(variance_x * variance_y)
         return dict(sorted(results.items()))
 
 
