@@ -152,7 +152,7 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
         return {
             "trained_params_m": sum(p.numel() for p in trainer.policy.parameters() if p.requires_grad) / 1e6,
             "total_params_m": sum(p.numel() for p in trainer.policy.parameters()) / 1e6,
-            "reference_model": trainer.reference_model is not None,
+            "reference_model": not config.lora.enabled,  # LoRA's reference is the policy with its adapter off
             "after_load_mib": after_load,
             "step_peak_mib": rss_mib("VmHWM"),
             "step_seconds": sorted(seconds[1:])[len(seconds[1:]) // 2],  # median, the first step is warm-up
