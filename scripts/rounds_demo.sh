@@ -17,7 +17,7 @@ OUT=${OUT:-.cache/dpo/rounds_demo}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
 finished() {  # finished RUNS_FOLDER: the LATEST of the newest run under it that finished, else nothing
-    ls -d "$1"/*/LATEST 2>/dev/null | sort | tail -n 1
+    { ls -d "$1"/*/LATEST 2>/dev/null || true; } | sort | tail -n 1
 }
 
 start=$(date +%s)
