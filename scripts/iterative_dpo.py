@@ -5,6 +5,7 @@
         --train model=tiny lr=1e-5 \\
         --evaluate judge=rule judge.scorer=numbers n_prompts=256
 
+Prompts come from the SFT run's datasets (unless --pairs or --evaluate name datasets=[...]).
 Round r starts from the policy of round r - 1 (the SFT model for round 1), which is also its DPO
 reference: make_pairs.py samples it and scores the samples (--pairs: make_pairs.py's settings),
 train.py runs DPO on the pairs (--train: train.py's settings, loss=dpo unless given), and
@@ -28,6 +29,7 @@ import evaluate  # noqa: E402
 import make_pairs  # noqa: E402
 import train  # noqa: E402
 from errors import USER_ERRORS  # noqa: E402
+from evaluation.loading import run_config  # noqa: E402
 from evaluation.openai_api import ServerError  # noqa: E402
 
 
@@ -53,12 +55,24 @@ def finished_policy(runs: Path) -> Path | None:
     return max(done, key=lambda path: path.parent.name) if done else None
 
 
+def task_data(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """datasets=[...] of the SFT run, unless the overrides name datasets: every round samples and is judged on
+    the task's own prompts (a round's policy run was trained on the previous round's pairs file instead)."""
+    if any(override.startswith("datasets=") for override in overrides):
+        return []
+    trained = run_config(args.sft)
+    if trained is None:
+        raise SystemExit(f"--sft {args.sft} is not in a run folder: give datasets=[...] in --pairs and --evaluate")
+    return [f"datasets=[{','.join(str(name) for name in trained.datasets)}]"]
+
+
 def run_round(args: argparse.Namespace, round_number: int, policy: Path) -> tuple[Path, dict]:
     """One round from `policy`: its pairs, its DPO run and its evaluation; (the new policy, the summary)."""
     folder = args.out / f"round-{round_number}"
     print(f"\n===== round {round_number}: from {policy}", flush=True)
     pairs = make_pairs.make_pairs(make_pairs.compose_config(
-        [f"policy={policy}", f"out_dir={folder / 'pairs'}", f"seed={round_number}", *args.pairs]
+        [f"policy={policy}", f"out_dir={folder / 'pairs'}", f"seed={round_number}", *task_data(args, args.pairs),
+         *args.pairs]
     ))  # fmt: skip
     if pairs.n_pairs == 0:
         raise SystemExit(f"round {round_number}: no pairs (every prompt's samples scored alike); see {pairs.out_dir}")
@@ -78,7 +92,7 @@ def run_round(args: argparse.Namespace, round_number: int, policy: Path) -> tupl
             raise SystemExit(f"round {round_number}: train.py finished without a LATEST checkpoint under {folder}")
     result = evaluate.evaluate(evaluate.compose_config(
         [f"policy={new_policy}", f"baseline={args.sft}", f"out_dir={folder / 'eval' / new_policy.parent.name}",
-         *args.evaluate]
+         *task_data(args, args.evaluate), *args.evaluate]
     ))  # fmt: skip
     return new_policy, {"round": round_number, "policy": str(new_policy), "pairs": pairs.n_pairs, **result.summary}
 
