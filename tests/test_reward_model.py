@@ -84,18 +84,25 @@ def test_every_layout_trains_the_same_reward_model(reward_runs):
     assert not any(key.startswith("logps_") for key in padded[0]), "a reward model logs no log-probs"
 
 
-def test_a_trained_reward_model_scores_the_same_with_plain_transformers(reward_runs):
-    checkpoint = reward_runs["shared-packed"] / "LATEST"
-    model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
-    assert model.config.num_labels == 1
+def training_scores(reward_runs: dict[str, Path], checkpoint: Path, name: str):
+    """(tokenizer, 4 eval examples, their chosen and rejected scores) as the trainer computes them from `checkpoint`."""
     config = compose_config(FOUR_STEPS + [f"cache_dir={reward_runs['padded'].parent / 'cache'}", "debug=true"])
     config.model.archive = str(checkpoint)
-    (reward_runs["padded"].parent / "rescored").mkdir()
-    trainer = train.build_trainer(config, reward_runs["padded"].parent / "rescored", CPU, 0, 1)
+    (reward_runs["padded"].parent / name).mkdir()
+    trainer = train.build_trainer(config, reward_runs["padded"].parent / name, CPU, 0, 1)
     trainer.prepare()
     examples = list(trainer.eval_examples)[:4]
     with torch.no_grad():
         chosen, rejected, _, _ = trainer.pair_scores(trainer.policy, examples)
+    return trainer.tokenizer, examples, chosen, rejected
+
+
+def test_a_trained_reward_model_scores_the_same_with_plain_transformers(reward_runs):
+    checkpoint = reward_runs["shared-packed"] / "LATEST"
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
+    assert model.config.num_labels == 1
+    _, examples, chosen, rejected = training_scores(reward_runs, checkpoint, "rescored")
+    with torch.no_grad():
         for example, trained_chosen, trained_rejected in zip(examples, chosen, rejected):
             for side, expected in (("chosen", trained_chosen), ("rejected", trained_rejected)):
                 alone = model(input_ids=torch.tensor([example[f"{side}_input_ids"]])).logits[0, 0]
@@ -116,19 +123,12 @@ def test_a_lora_reward_model_from_an_sft_checkpoint(tmp_path):
 def test_a_trained_reward_model_judges_evaluations_with_its_training_scores(reward_runs):
     """evaluate.py's reward_model judge reads a trained reward model's score where training read it."""
     checkpoint = reward_runs["packed"] / "LATEST"
-    config = compose_config(FOUR_STEPS + [f"cache_dir={reward_runs['padded'].parent / 'cache'}", "debug=true"])
-    config.model.archive = str(checkpoint)
-    (reward_runs["padded"].parent / "judged").mkdir()
-    trainer = train.build_trainer(config, reward_runs["padded"].parent / "judged", CPU, 0, 1)
-    trainer.prepare()
-    examples = list(trainer.eval_examples)[:4]
-    with torch.no_grad():
-        chosen, _, _, _ = trainer.pair_scores(trainer.policy, examples)
+    tokenizer, examples, chosen, _ = training_scores(reward_runs, checkpoint, "judged")
     judge = RewardModelJudge(OmegaConf.create({"path": str(checkpoint), "chat_template": "auto", "batch_size": 2,
                                               "max_length": 64, "dtype": "float32"}), CPU)  # fmt: skip
     items = []
     for example in examples:
         prompt = EvalPrompt("id", example["prompt"], None, "")
         response_ids = example["chosen_input_ids"][len(example["prompt_input_ids"]) : -1]  # the text, not its EOS
-        items.append((Comparison(prompt, 0.0, "", None, 0, None), trainer.tokenizer.decode(response_ids)))
+        items.append((Comparison(prompt, 0.0, "", None, 0, None), tokenizer.decode(response_ids)))
     assert judge.score(items) == pytest.approx(chosen.tolist(), abs=1e-5)
