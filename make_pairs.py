@@ -100,12 +100,10 @@ def check_config(config: DictConfig) -> PairsPlan:
         f"{key}=...: not a setting of make_pairs.py (config/make_pairs.yaml declares them all); remove it."
         for key in sorted(set(config) - declared)
     ]  # keys added with +key=value, which struct mode lets through
-    for key in ("n_prompts", "samples_per_prompt", "max_prompt_length"):
+    for key, least in (("n_prompts", 1), ("samples_per_prompt", 2), ("max_prompt_length", 1)):
         value = config[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < (2 if key == "samples_per_prompt" else 1):
-            problems.append(
-                f"{key}={value}: must be a whole number, {2 if key == 'samples_per_prompt' else 1} or more."
-            )
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            problems.append(f"{key}={value}: must be a whole number, {least} or more.")
     if (
         isinstance(config.temperature, bool)
         or not isinstance(config.temperature, int | float)
