@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from chat_templates import chat_template_problem
 from errors import USER_ERRORS, ConfigError
-from evaluation.checks import data_settings, model_folder_problem, server_problems
+from evaluation.checks import data_settings, declared_keys, model_folder_problem, server_problems
 from evaluation.comparisons import Comparison
 from evaluation.generation import (
     GenerationStore,
@@ -95,7 +95,7 @@ def make_pairs(config: DictConfig) -> PairsResult:
 def check_config(config: DictConfig) -> PairsPlan:
     """Every problem with the configuration, raised at once as a ConfigError; else the plan it implies."""
     problems = [model_folder_problem("policy", config.policy), chat_template_problem(str(config.chat_template))]
-    declared = set(OmegaConf.load(CONFIG_DIR / "make_pairs.yaml")) - {"defaults"} | {"judge", "generation"}
+    declared = declared_keys(CONFIG_DIR / "make_pairs.yaml")
     problems += [
         f"{key}=...: not a setting of make_pairs.py (config/make_pairs.yaml declares them all); remove it."
         for key in sorted(set(config) - declared)

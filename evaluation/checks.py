@@ -194,9 +194,16 @@ def server_problems(config: DictConfig, judge: JudgeRow | None) -> list[str]:
     return [p for p in problems if p]
 
 
+def declared_keys(config_file: Path) -> set[str]:
+    """The top-level keys a config file declares: its own keys and the groups its defaults list names."""
+    config = OmegaConf.load(config_file)
+    groups = {next(iter(entry)) for entry in config.get("defaults", []) if isinstance(entry, DictConfig)}
+    return set(config) - {"defaults"} | {group for group in groups if not group.startswith("override ")}
+
+
 def _foreign_key_problems(config: DictConfig) -> list[str]:
     """Keys added with +key=value, and train.py's groups (+model=, +loss=), which evaluate.py would ignore."""
-    declared = set(OmegaConf.load(CONFIG_FILE)) - {"defaults"} | {"judge", "generation"}  # the groups
+    declared = declared_keys(CONFIG_FILE)
     return [
         f"{key}=...: not a setting of evaluate.py (config/evaluate.yaml declares them all); remove it. "
         "train.py's model= and loss= do not apply: the models come from their folders (policy=, baseline=)."
