@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import tqdm
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel
@@ -37,6 +36,7 @@ from batching import (
 )
 from chat_templates import stop_token_ids, with_answer
 from errors import CheckpointWriteError, ModelLoadError
+from forward_plan import ForwardPlan, choose_plan
 from logprobs import labelled_tokens, sequence_logps, sequence_logps_from_hidden
 from loss_registry import LossSpec
 from losses import kto_kl_estimate
@@ -44,14 +44,13 @@ from models import block_class_name
 from optimization import make_optimizer, make_scheduler
 from reference import Reference
 from reward_scores import (
-    attention_accepts_shared_prompt_scores,
     packed_score_index,
     padded_score_index,
     sequence_scores,
     shared_prompt_scores,
 )
 from run_log import MetricSums, RunLog
-from shared_prompt import attention_accepts_shared_prompt_mask, shared_prompt_batch, shared_prompt_logps
+from shared_prompt import flex_block_mask, shared_prompt_batch, shared_prompt_logps
 from utils import DTYPES
 
 Batch = dict[str, torch.Tensor]
@@ -134,8 +133,8 @@ class BasicTrainer:
         self.optimizer = make_optimizer(config.optimizer, trainable, config.lr, config.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, config.lr_scheduler, config.warmup_steps, self.total_steps())
         self.run_log = RunLog(config, run_dir, self.is_main)
-        self.chunked_logps = False  # decided in prepare(), once the policy can be probed
-        self.prompts_shared = False  # likewise
+        self.plan = ForwardPlan(False, False, None, config.max_length)  # chosen in prepare(), on the loaded policy
+        self._shared_rows: tuple[list[dict], Batch] | None = None  # shared_prompt_rows' last batch
         self.examples_seen = 0
         self.optimizer_steps = 0
         self.last_checkpoint: Path | None = None  # the newest complete checkpoint of this run (or resumed from)
@@ -172,9 +171,16 @@ class BasicTrainer:
                 "note: loss=reward trains a reward model, which computes no log-probs and generates nothing: "
                 "logps_chunk_tokens and sample_during_eval do not apply"
             )
-        chunk = self.config.logps_chunk_tokens is not None and not self.loss.is_reward_model
-        self.chunked_logps = chunk and self.logits_are_projected_hidden_states()
-        self.prompts_shared = self.config.share_prompt and self.attention_takes_shared_prompts()
+        self.plan = choose_plan(
+            self.config,
+            self.loss,
+            self.policy,
+            self.tokenizer.eos_token_id,
+            self.pad_token_id,
+            self.autocast,
+            self.release_gathered_weights,
+        )
+        console.say(f"forward passes: {self.plan.describe()}")
         if self.loss.is_unpaired:
             self.warn_about_class_balance()
         self.reference = self.reference.ready(self)
@@ -483,7 +489,7 @@ class BasicTrainer:
         With share_prompt each pair is one row (prompt, chosen, rejected) and its prompt runs once;
         otherwise its two sequences run side by side, padded or packed.
         """
-        if self.prompts_shared:
+        if self.plan.share_prompt:
             logps, n_tokens = self.shared_prompt_logps(model, examples)
         else:
             sides = ("chosen", "rejected")
@@ -500,18 +506,18 @@ class BasicTrainer:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed log-probabilities of the labelled tokens of each sequence: ((n,), (n,) token counts).
 
-        The sequences go through the model padded, or packed when `packing` is on; the output
-        projection runs in chunks over labelled positions only when `logps_chunk_tokens` is set.
+        The sequences go through the model padded, or packed as the plan says; the output
+        projection runs in chunks over labelled positions only when the plan chunks.
         """
-        if self.config.packing:
-            batch = packed_batch(input_ids, labels, self.pad_token_id, self.config.max_length)
+        if self.plan.packing:
+            batch = packed_batch(input_ids, labels, self.pad_token_id, self.plan.row_tokens)
         else:
             batch = padded_batch(input_ids, labels, self.pad_token_id)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         labels_tensor, sequence_ids = batch.pop("labels"), batch.pop("sequence_ids", None)
         n_sequences = len(input_ids)
         with self.autocast():
-            if self.chunked_logps:
+            if self.plan.chunk_tokens is not None:
                 # the vocabulary projection is ours: the model computes its last hidden states
                 # (and, with logits_to_keep=1, the logits of one position only)
                 outputs = model(**batch, use_cache=False, output_hidden_states=True, logits_to_keep=1)
@@ -521,7 +527,7 @@ class BasicTrainer:
                     head.weight,
                     head.bias,
                     labels_tensor,
-                    self.config.logps_chunk_tokens,
+                    self.plan.chunk_tokens,
                     sequence_ids=sequence_ids,
                     n_sequences=n_sequences,
                 )
@@ -537,14 +543,26 @@ class BasicTrainer:
 
         See shared_prompt.py for the layout; with packing several pairs share a row of max_length tokens.
         """
-        row_tokens = self.config.max_length if self.config.packing else None
-        batch = {k: v.to(self.device) for k, v in shared_prompt_batch(examples, self.pad_token_id, row_tokens).items()}
-        chunk_tokens = self.config.logps_chunk_tokens if self.chunked_logps else None
         with self.autocast():
-            result = shared_prompt_logps(model, batch, chunk_tokens)
+            result = shared_prompt_logps(model, self.shared_prompt_rows(examples), self.plan.chunk_tokens)
         if not torch.is_grad_enabled():
             self.release_gathered_weights(model)
         return result
+
+    def shared_prompt_rows(self, examples: list[dict]) -> Batch:
+        """The prefix-shared rows of these pairs on the device, built once for the policy and the reference.
+
+        The last batch built is kept with its examples list, so that the reference's pass over the
+        same list reuses it (and, with flex_attention, its BlockMask) rather than building it again.
+        """
+        if self._shared_rows is not None and self._shared_rows[0] is examples:
+            return self._shared_rows[1]
+        pairs = shared_prompt_batch(examples, self.pad_token_id, self.plan.pair_row_tokens)
+        batch = {k: v.to(self.device) for k, v in pairs.items()}
+        if self.policy.config._attn_implementation == "flex_attention":
+            batch["block_mask"] = flex_block_mask(batch["pair_ids"], batch["parts"])
+        self._shared_rows = (examples, batch)  # holding the list keeps its identity from being reused
+        return batch
 
     def pair_scores(
         self, model: nn.Module, examples: list[dict]
@@ -555,17 +573,16 @@ class BasicTrainer:
         each score is read.
         """
         n, pad = len(examples), self.pad_token_id
-        if self.prompts_shared:
-            row_tokens = self.config.max_length if self.config.packing else None
-            batch = {k: v.to(self.device) for k, v in shared_prompt_batch(examples, pad, row_tokens).items()}
+        if self.plan.share_prompt:
+            batch = self.shared_prompt_rows(examples)
             with self.autocast():
                 scores = shared_prompt_scores(model, batch)
             n_tokens = batch["n_tokens"]
         else:
             input_ids = [e[f"{side}_input_ids"] for side in ("chosen", "rejected") for e in examples]
             labels = [e[f"{side}_labels"] for side in ("chosen", "rejected") for e in examples]
-            if self.config.packing:
-                batch = packed_batch(input_ids, labels, pad, self.config.max_length)
+            if self.plan.packing:
+                batch = packed_batch(input_ids, labels, pad, self.plan.row_tokens)
                 score_index = packed_score_index(input_ids, batch.pop("sequence_ids"), pad)
             else:
                 batch = padded_batch(input_ids, labels, pad)
@@ -577,38 +594,6 @@ class BasicTrainer:
         if not torch.is_grad_enabled():
             self.release_gathered_weights(model)
         return scores[:n], scores[n:], n_tokens[:n], n_tokens[n:]
-
-    def attention_takes_shared_prompts(self) -> bool:
-        """Whether the policy's attention computes exactly on prefix-shared rows (see shared_prompt.py)."""
-        if self.loss.is_reward_model:
-            accepted = attention_accepts_shared_prompt_scores(self.policy, self.config.max_length, self.pad_token_id)
-        else:
-            accepted = attention_accepts_shared_prompt_mask(self.policy, self.config.max_length)
-        self.release_gathered_weights(self.policy)
-        if not accepted:
-            console.say(
-                f"note: {type(self.policy).__name__} ({self.policy.config._attn_implementation} attention) cannot take "
-                "the prefix-shared attention mask; share_prompt is ignored and pairs run as two sequences"
-            )
-        return accepted
-
-    @torch.no_grad()
-    def logits_are_projected_hidden_states(self) -> bool:
-        """Whether the policy's logits are exactly its output layer applied to its last hidden states.
-
-        Chunked log-probs rely on it. A few models post-process logits (Gemma 2's soft-capping,
-        Cohere's logit scale); for those the full logits are used instead.
-        """
-        input_ids = torch.full((1, 2), self.tokenizer.eos_token_id, device=self.device)
-        with self.autocast():
-            outputs = self.policy(input_ids=input_ids, use_cache=False, output_hidden_states=True)
-            head = self.policy.get_output_embeddings()
-            projected = F.linear(outputs.hidden_states[-1], head.weight, head.bias)
-        self.release_gathered_weights(self.policy)
-        matches = torch.allclose(projected.float(), outputs.logits.float(), rtol=1e-3, atol=1e-3)
-        if not matches:
-            console.say(f"note: {type(self.policy).__name__} post-processes its logits; logps_chunk_tokens is ignored")
-        return matches
 
     def autocast(self):
         """torch.autocast in autocast_dtype for forward passes; a no-op when it is null."""

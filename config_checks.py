@@ -38,11 +38,12 @@ NUMBER_KEYS = (
     "lora.dropout",
 )
 SWITCH_KEYS = (
-    "do_first_eval", "sample_during_eval", "precompute_ref_logps", "packing", "share_prompt", "debug",
+    "do_first_eval", "sample_during_eval", "precompute_ref_logps", "debug",
     "sft_every_assistant_turn", "activation_checkpointing", "plots.enabled", "tensorboard.enabled",
     "wandb.enabled", "lora.enabled", "lora.load_in_4bit", "fsdp.reshard_after_forward", "sampling.greedy",
     "model.trust_remote_code", "pairs_as_unpaired",
 )  # fmt: skip
+AUTO_SWITCH_KEYS = ("packing", "share_prompt")  # true, false or auto (forward_plan.py decides auto at start-up)
 LIST_KEYS = ("local_dirs",)  # datasets: dataset_loading.dataset_config_problems
 # settings whose null is meaningful (see config.yaml); any other null is a type error
 NULLABLE_KEYS = ("n_epochs", "n_examples", "n_eval_examples", "logps_chunk_tokens")
@@ -61,6 +62,8 @@ def _type_problem(key: str, value) -> str | None:
         return f"{key}={value}: must be a number, e.g. {key}=1e-4."
     elif key in SWITCH_KEYS and not isinstance(value, bool):
         return f"{key}={value}: must be true or false."
+    elif key in AUTO_SWITCH_KEYS and not (isinstance(value, bool) or value == "auto"):
+        return f"{key}={value}: must be auto, true or false."
     elif key in LIST_KEYS and not OmegaConf.is_list(value):
         return f"{key}={value}: must be a list; write {key}=[{value}] (entries separated by commas)."
     return None
@@ -69,7 +72,7 @@ def _type_problem(key: str, value) -> str | None:
 def type_problems(config: DictConfig) -> list[str]:
     """Each setting whose value has the wrong type (text for a number, a float for a count, a string for a list)."""
     problems = []
-    for key in WHOLE_NUMBER_KEYS + NUMBER_KEYS + SWITCH_KEYS + LIST_KEYS:
+    for key in WHOLE_NUMBER_KEYS + NUMBER_KEYS + SWITCH_KEYS + AUTO_SWITCH_KEYS + LIST_KEYS:
         problem = _type_problem(key, OmegaConf.select(config, key))
         if problem:
             problems.append(problem)
@@ -229,9 +232,9 @@ def _check_combinations(config: DictConfig, problems: list[str]) -> None:
             f"precompute_ref_logps=true, but loss={loss.name} (reference_free={loss.reference_free}) uses no "
             "reference model; drop precompute_ref_logps."
         )
-    if config.share_prompt and not loss.is_preference:
+    if config.share_prompt is True and not loss.is_preference:
         problems.append("share_prompt=true shares a prompt between the two responses of a pair; loss=sft has no pairs.")
-    if config.share_prompt and loss.is_unpaired:
+    if config.share_prompt is True and loss.is_unpaired:
         problems.append(
             "share_prompt=true shares a prompt between the two responses of a pair; loss=kto trains on one completion "
             "per prompt (its mismatched completion runs without gradient), so nothing would be shared. Drop it."
@@ -251,6 +254,13 @@ def _check_combinations(config: DictConfig, problems: list[str]) -> None:
         problems.append(length)
     if config.device == "cuda" and not torch.cuda.is_available():
         problems.append("device=cuda but no CUDA device is visible; use device=auto or device=cpu.")
+    on_cpu = config.device == "cpu" or not torch.cuda.is_available()
+    if config.model.get("attn_implementation") == "flex_attention" and on_cpu:
+        problems.append(
+            "model.attn_implementation=flex_attention: FlexAttention has no backward pass on the CPU in this torch, "
+            "so the policy could not train here; on the CPU use sdpa (model.attn_implementation=null), which takes "
+            "the same packed and prefix-shared rows exactly."
+        )
 
 
 def validate_config(config: DictConfig, world_size: int, declared: DictConfig | None = None) -> list[str]:

@@ -81,7 +81,7 @@ def shared_prompt_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> to
     inputs = {
         "input_ids": batch["input_ids"],
         "position_ids": batch["position_ids"],
-        "attention_mask": attention_mask_for(model, batch["attention_mask"]),
+        "attention_mask": attention_mask_for(model, batch),
     }
     return sequence_scores(model, inputs, batch["score_index"])
 

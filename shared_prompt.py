@@ -16,16 +16,20 @@ Mask format. transformers 5 uses a 4D `attention_mask` of shape (batch, 1, query
 given, skipping its own mask construction (masking_utils._preprocess_mask_arguments), and
 hands it to the attention function unchanged: sdpa passes it to
 F.scaled_dot_product_attention (bool: True = attend, or additive float), while eager and
-flex attention add it to the scores (a bool mask would be added as 0/1 there and mask
-nothing). So the batch holds the bool form, which sdpa takes in any dtype (and which keeps
-CPU sdpa on its flash kernel), and `attention_mask_for` turns it into the additive form
-(0 or finfo.min, in the embedding dtype, as transformers' own eager masks) for every other
-implementation. Flash attention takes no arbitrary mask at all; the probe
-`attention_accepts_shared_prompt_mask` tells a trainer when to fall back to the padded path.
+flex attention add a tensor mask to the scores (a bool mask would be added as 0/1 there and
+mask nothing). So the batch holds the bool form, which sdpa takes in any dtype (and which keeps
+CPU sdpa on its flash kernel), and `attention_mask_for` turns it into what every other
+implementation reads: the additive form (0 or finfo.min, in the embedding dtype, as
+transformers' own eager masks) for eager, and for flex_attention a BlockMask (transformers
+passes one through to the kernel as it is), computed from each position's pair and part by the
+rule above, whose fully masked blocks the kernel skips: the chosen-rejected blocks of every pair
+and every block between pairs packed in one row. Flash attention takes no arbitrary mask at
+all; the probe `attention_accepts_shared_prompt_mask` tells a trainer when it cannot share prompts.
 """
 
 import torch
 import torch.nn as nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from batching import score_offset
 from logprobs import IGNORE_INDEX, label_logps_chunked
@@ -48,6 +52,8 @@ def shared_prompt_batch(
       input_ids, position_ids: (rows, width); padding holds pad_token_id at position 0;
       attention_mask: (rows, 1, width, width) bool, True where a query position may attend a key
         position (padding attends only earlier padding, so no row of the mask is empty);
+      pair_ids, parts: (rows, width) the pair of each position (-1 on padding) and its part
+        (PROMPT, CHOSEN or REJECTED; padding: PROMPT), the mask's compact form (flex_block_mask);
       predictor_index: (n_labelled,) the flat index (row * width + column) of the position whose
         output predicts each labelled token;
       target_ids: (n_labelled,) those tokens;
@@ -94,6 +100,8 @@ def shared_prompt_batch(
         "input_ids": input_ids,
         "position_ids": position_ids,
         "attention_mask": _shared_prompt_mask(pair_ids, parts),
+        "pair_ids": pair_ids,
+        "parts": parts,
         "predictor_index": torch.cat(predictors),
         "target_ids": torch.cat(targets),
         "sequence_index": sequence_index,
@@ -172,17 +180,42 @@ def _shared_prompt_mask(pair_ids: torch.Tensor, parts: torch.Tensor) -> torch.Te
     return (causal & same_pair & ~rejected_sees_chosen).unsqueeze(1)
 
 
-def attention_mask_for(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
-    """The (rows, 1, width, width) bool mask `allowed` in the form the model's attention implementation reads.
+def attention_mask_for(model: nn.Module, batch: dict) -> torch.Tensor | BlockMask:
+    """The batch's prefix-shared mask in the form the model's attention implementation reads.
 
-    sdpa takes it as it is. Every other implementation gets the additive form transformers
-    builds for eager attention: 0 where allowed, the dtype's most negative value elsewhere, in
-    the input embedding's dtype (a float32 mask also works with bf16 scores: the sum promotes).
+    sdpa takes the (rows, 1, width, width) bool `attention_mask` as it is; flex_attention gets
+    the batch's `block_mask` if it has one, else one built now (flex_block_mask). Every other
+    implementation gets the additive form transformers builds for eager attention: 0 where
+    allowed, the dtype's most negative value elsewhere, in the input embedding's dtype (a float32
+    mask also works with bf16 scores: the sum promotes).
     """
-    if model.config._attn_implementation == "sdpa":
+    implementation = model.config._attn_implementation
+    allowed = batch["attention_mask"]
+    if implementation == "sdpa":
         return allowed
+    if implementation == "flex_attention":
+        return batch["block_mask"] if "block_mask" in batch else flex_block_mask(batch["pair_ids"], batch["parts"])
     dtype = model.get_input_embeddings().weight.dtype
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def flex_block_mask(pair_ids: torch.Tensor, parts: torch.Tensor) -> BlockMask:
+    """The prefix-shared mask as a FlexAttention BlockMask, on the device of pair_ids.
+
+    pair_ids, parts: (rows, width), as shared_prompt_batch returns them. A query position may
+    attend a key position when both hold the same pair (padding, pair -1, counts as one), the
+    key is not later, and the query is not a rejected token looking at a chosen one: the same
+    rule as the boolean `attention_mask`, evaluated block by block so that the kernel skips the
+    blocks it rules out whole.
+    """
+
+    def allowed(batch, head, query, key):
+        same_pair = pair_ids[batch, query] == pair_ids[batch, key]
+        rejected_sees_chosen = (parts[batch, query] == REJECTED) & (parts[batch, key] == CHOSEN)
+        return (key <= query) & same_pair & ~rejected_sees_chosen
+
+    rows, width = pair_ids.shape
+    return create_block_mask(allowed, rows, None, width, width, device=pair_ids.device)
 
 
 def shared_prompt_logps(
@@ -202,7 +235,7 @@ def shared_prompt_logps(
     inputs = {
         "input_ids": batch["input_ids"],
         "position_ids": batch["position_ids"],
-        "attention_mask": attention_mask_for(model, batch["attention_mask"]),
+        "attention_mask": attention_mask_for(model, batch),
     }
     predictors, targets = batch["predictor_index"], batch["target_ids"]
     if chunk_tokens is None:

@@ -81,16 +81,9 @@ class Row:
 
     side: str
     # how its pairs become model rows, the bare limit it is held to: padded, packed, shared or packed-shared
-    # (layout_name); None: the layout the trainer chose, read at run time
+    # (ForwardPlan.layout); None: the layout the trainer chose, read at run time
     layout: str | None
     overrides: tuple[str, ...] = ()
-
-
-def layout_name(packing: bool, share_prompt: bool) -> str:
-    """The layout of a batch under these two settings of the config."""
-    return {(False, False): "padded", (True, False): "packed", (False, True): "shared", (True, True): "packed-shared"}[
-        (packing, share_prompt)
-    ]
 
 
 def _ours(reference: str, layout: str, chunked: bool) -> Row:
@@ -421,7 +414,7 @@ def run_ours(config, tokenizer, train_examples, eval_examples, args: argparse.Na
     )
     trainer.prepare()  # the log-prob path and layout, and the reference log-probs of the precomputed rows
     setup_seconds = time.perf_counter() - setup_start
-    layout = layout_name(config.packing, trainer.prompts_shared)  # share_prompt falls back where it cannot work
+    layout = trainer.plan.layout  # the layout the trainer chose (auto settings resolved)
     # the trainer's own examples: precomputed reference log-probs are looked up by their index
     batches = batches_of(trainer.train_examples, config, args.warmup + args.steps)
     recorder = StepRecorder()
@@ -436,7 +429,7 @@ def run_ours(config, tokenizer, train_examples, eval_examples, args: argparse.Na
         "setup_seconds": setup_seconds,
         "useful_tokens": useful_tokens(timed),
         "layout": layout,
-        "chunked": trainer.chunked_logps,
+        "chunked": trainer.plan.chunk_tokens is not None,
         "reference": "precomputed" if config.precompute_ref_logps else "live",
     }
     if args.interleave:
@@ -474,7 +467,7 @@ def bare_inputs(batch: list[dict], layout: str, pad_token_id: int, row_tokens: i
 
     if layout in ("shared", "packed-shared"):
         shared = shared_prompt_batch(batch, pad_token_id, row_tokens if layout == "packed-shared" else None)
-        return {key: shared[key] for key in ("input_ids", "position_ids", "attention_mask")}
+        return {key: shared[key] for key in ("input_ids", "position_ids", "attention_mask", "pair_ids", "parts")}
     sides = ("chosen", "rejected")
     sequences = [e[f"{side}_input_ids"] for side in sides for e in batch]
     labels = [e[f"{side}_labels"] for side in sides for e in batch]
@@ -512,9 +505,10 @@ class BareStep:
 
         from shared_prompt import attention_mask_for
 
-        if inputs.get("attention_mask") is not None and inputs["attention_mask"].dim() == 4:
+        if "pair_ids" in inputs:
             # a prefix-shared batch: its mask in the form this model's attention reads, as the trainer passes it
-            inputs = {**inputs, "attention_mask": attention_mask_for(self.policy, inputs["attention_mask"])}
+            mask = attention_mask_for(self.policy, inputs)
+            inputs = {key: inputs[key] for key in ("input_ids", "position_ids")} | {"attention_mask": mask}
         with self.autocast():
             logits = self.policy(**inputs, use_cache=False).logits
         logits.sum().backward()

@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import dpo_throughput
-from dpo_throughput import RESULT_MARKER, SEED, fmt, layout_name, total_seconds, version
+from dpo_throughput import RESULT_MARKER, SEED, fmt, total_seconds, version
 
 PEAK_BF16_FLOPS = 989e12  # H100 SXM, dense bfloat16 (NVIDIA datasheet); the H200 is the same chip
 DEFAULT_ROW_TIMEOUT_S = 240
@@ -229,8 +229,8 @@ def run_ours(config, args: argparse.Namespace, run_dir: str) -> dict:
         return {
             **recorder.result(args.warmup),
             "timed_batches": batches[args.warmup :],
-            "layout": layout_name(config.packing, trainer.prompts_shared),
-            "chunked": trainer.chunked_logps,
+            "layout": trainer.plan.layout,
+            "chunked": trainer.plan.chunk_tokens is not None,
         }
     finally:
         if dist.is_initialized():

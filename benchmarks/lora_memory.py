@@ -125,7 +125,7 @@ def run_real_row(row: str, args: argparse.Namespace) -> dict:
             "trained_params_m": sum(p.numel() for p in trainer.policy.parameters() if p.requires_grad) / 1e6,
             "reference_model": not config.lora.enabled,  # LoRA's reference is the policy with its adapter off
             "peaks_mib": peaks,
-            "chunked_logps": trainer.chunked_logps,
+            "chunked_logps": trainer.plan.chunk_tokens is not None,
             "mean_tokens": sum(lengths) / max(len(lengths), 1),
         }
 

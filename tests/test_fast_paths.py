@@ -17,7 +17,7 @@ import basic_trainer
 from config_checks import validate_config
 from errors import ConfigError
 
-PLAIN = ["packing=false", "logps_chunk_tokens=null", "precompute_ref_logps=false"]
+PLAIN = ["packing=false", "share_prompt=false", "logps_chunk_tokens=null", "precompute_ref_logps=false"]
 FOUR_STEPS = ["n_examples=32"]  # enough for a wrong gradient to show in later steps' metrics
 METRIC_PREFIXES = ("loss/", "rewards_", "logps_", "grad_norm")
 

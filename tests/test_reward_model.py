@@ -57,8 +57,8 @@ def reward_runs(tmp_path_factory) -> dict[str, Path]:
     """Four steps of the same reward model in each layout, sharing one tokenize cache."""
     root = tmp_path_factory.mktemp("reward")
     layouts = {
-        "padded": ["packing=false"],
-        "packed": ["packing=true"],
+        "padded": ["packing=false", "share_prompt=false"],
+        "packed": ["packing=true", "share_prompt=false"],
         "shared": ["share_prompt=true", "packing=false"],
         "shared-packed": ["share_prompt=true", "packing=true"],
     }
@@ -69,7 +69,7 @@ def reward_runs(tmp_path_factory) -> dict[str, Path]:
         config = compose_config(FOUR_STEPS + overrides + [f"cache_dir={root / 'cache'}"])
         trainer = train.build_trainer(config, run_dir, CPU, 0, 1)
         trainer.train()
-        assert isinstance(trainer.reference, NoReference) and trainer.prompts_shared == name.startswith("shared")
+        assert isinstance(trainer.reference, NoReference) and trainer.plan.share_prompt == name.startswith("shared")
         runs[name] = run_dir
     return runs
 

@@ -1,8 +1,12 @@
 """Prefix sharing (shared_prompt.py) against the padded path: the same log-probs and the same gradients."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
+from conftest import compose_config
+from torch.nn.attention.flex_attention import create_mask
 from transformers import (
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
@@ -13,8 +17,17 @@ from transformers import (
 )
 
 from batching import padded_batch
+from config_checks import validate_config
+from errors import ConfigError
+from forward_plan import attention_accepts_packed_rows, choose_plan
 from logprobs import IGNORE_INDEX, sequence_logps
-from shared_prompt import attention_accepts_shared_prompt_mask, shared_prompt_batch, shared_prompt_logps
+from loss_registry import LossSpec
+from shared_prompt import (
+    attention_accepts_shared_prompt_mask,
+    flex_block_mask,
+    shared_prompt_batch,
+    shared_prompt_logps,
+)
 
 VOCAB, PAD = 64, 0
 # (prompt, chosen, rejected) lengths: 1-token responses and a 1-token prompt, pairs of different lengths
@@ -191,3 +204,78 @@ def test_probe_rejects_a_sliding_window_shorter_than_max_length():
     model = MistralForCausalLM(config)
     assert attention_accepts_shared_prompt_mask(model, max_length=8)
     assert not attention_accepts_shared_prompt_mask(model, max_length=9)
+
+
+@pytest.fixture
+def uncompiled_flex_attention(monkeypatch):
+    """transformers' flex_attention without torch.compile: the same mask semantics, no inductor build in the suite."""
+    from torch.nn.attention.flex_attention import flex_attention
+    from transformers.integrations import flex_attention as integration
+
+    def plain(query, key, value, training=False, **kwargs):
+        return flex_attention(query, key, value, **kwargs)
+
+    monkeypatch.setattr(integration, "compile_friendly_flex_attention", plain)
+
+
+@pytest.mark.parametrize("row_tokens", [None, ROW_TOKENS])
+@pytest.mark.parametrize("architecture", ["llama", "gpt_neox"])
+def test_flex_block_mask_gives_the_padded_log_probs(architecture, row_tokens, uncompiled_flex_attention):
+    # FlexAttention has no backward on the CPU (torch 2.13): forward only here, gradients on the GPU check
+    model = tiny_model(architecture, "flex_attention")
+    pairs = make_pairs()
+    with torch.no_grad():
+        expected, _ = padded_logps(tiny_model(architecture, "sdpa"), pairs)
+        batch = shared_prompt_batch(pairs, PAD, row_tokens)
+        batch["block_mask"] = flex_block_mask(batch["pair_ids"], batch["parts"])
+        logps, _ = shared_prompt_logps(model, batch, chunk_tokens=5)
+        torch.testing.assert_close(logps, expected, atol=1e-5, rtol=1e-5)
+        # the rule itself, without the model: the BlockMask's mask agrees with the boolean mask everywhere
+        rows, width = batch["pair_ids"].shape
+        dense = create_mask(batch["block_mask"].mask_mod, rows, 1, width, width, device="cpu")
+        assert torch.equal(dense, batch["attention_mask"])
+        assert attention_accepts_shared_prompt_mask(model, max_length=16)
+
+
+class PositionIgnoringModel(MaskIgnoringModel):
+    """A causal LM that drops position ids, so that nothing marks where packed sequences start."""
+
+    def forward(self, position_ids: torch.Tensor | None = None, **kwargs):
+        return self.model(**kwargs)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt_neox"])
+def test_packing_probe_accepts_position_restarts_and_rejects_a_model_that_ignores_them(architecture):
+    for attention in ("sdpa", "eager"):
+        model = tiny_model(architecture, attention)
+        assert attention_accepts_packed_rows(model)
+        assert not attention_accepts_packed_rows(PositionIgnoringModel(model))
+
+
+def plan_for(overrides: list[str], model: nn.Module):
+    config = compose_config(overrides)
+    loss = LossSpec.from_config(config.loss)
+    return choose_plan(config, loss, model, 1, PAD, contextlib.nullcontext, lambda module: None)
+
+
+def test_defaults_take_the_fastest_exact_layout_and_an_impossible_true_is_an_error(capsys):
+    model = tiny_model("llama", "sdpa")
+    for loss, layout in (("dpo", "packed-shared"), ("ipo", "packed-shared"), ("sft", "packed"), ("kto", "packed")):
+        plan = plan_for([f"loss={loss}"] + (["pairs_as_unpaired=true"] if loss == "kto" else []), model)
+        assert (plan.layout, plan.chunk_tokens) == (layout, 1024), loss
+    assert plan_for(["loss=dpo", "packing=false", "share_prompt=false"], model).layout == "padded"
+
+    model.config._attn_implementation = "flash_attention_2"  # takes packed rows, but no prefix-shared mask
+    no_forward = ["loss=dpo", "packing=false", "logps_chunk_tokens=null"]  # no flash kernel on the CPU
+    assert plan_for(no_forward, model).layout == "padded"
+    assert "takes no arbitrary mask; share_prompt=auto runs without it" in capsys.readouterr().out
+    with pytest.raises(
+        ConfigError, match=r"share_prompt=true, but LlamaForCausalLM \(flash_attention_2 attention\) cannot"
+    ):
+        plan_for(no_forward + ["share_prompt=true"], model)
+
+
+def test_flex_attention_on_the_cpu_is_refused_before_loading():
+    config = compose_config(["model.attn_implementation=flex_attention", "device=cpu"])
+    with pytest.raises(ConfigError, match="FlexAttention has no backward pass on the CPU"):
+        validate_config(config, world_size=1)

@@ -38,7 +38,7 @@ def test_fsdp_and_tensor_parallel_match_one_device(loss, tmp_path):
     for trainer, n_processes in runs.items():
         overrides = equivalence_overrides(loss) + [f"trainer={trainer}"]
         if trainer == "BasicTrainer":
-            overrides += ["packing=false", "logps_chunk_tokens=null"]  # the plain path
+            overrides += ["packing=false", "share_prompt=false", "logps_chunk_tokens=null"]  # the plain path
         elif loss == "reward":  # a reward model's scores, read in packed prefix-shared rows
             overrides += ["share_prompt=true", "packing=true", "fsdp.prefetch_blocks=1"]
         elif loss == "dpo":
