@@ -45,8 +45,9 @@ def shared_prompt_batch(
     examples[i] holds lists of ints: prompt_input_ids, chosen_input_ids (the prompt then the
     chosen response), chosen_labels (IGNORE_INDEX on untrained positions) and the rejected ones.
     Without row_tokens each pair is one right-padded row, in order; with it, pairs are placed
-    first-fit, longest first, into rows of row_tokens tokens (or the longest pair, if longer)
-    and never attend to each other.
+    first-fit, longest first, into rows of row_tokens tokens, or of the longest pair's tokens
+    where that is longer (every row is as wide as the batch's widest anyway, so filling each up
+    to that width removes rows at no cost), and never attend to each other.
 
     Returns, with rows x width the batch shape and n_labelled the labelled tokens of all pairs:
       input_ids, position_ids: (rows, width); padding holds pad_token_id at position 0;
@@ -152,16 +153,17 @@ def _pair_segment(example: dict, index: int, pad_token_id: int) -> dict[str, tor
 
 
 def _first_fit(lengths: list[int], row_tokens: int) -> list[list[int]]:
-    """Indices of the items in each row: first-fit, longest first, rows of row_tokens (or the item, if longer)."""
+    """Indices of the items in each row: first-fit, longest first, rows of row_tokens or the longest item's length."""
     if row_tokens < 1:
         raise ValueError(f"row_tokens must be a positive number of tokens, got {row_tokens}")
+    row_tokens = max(row_tokens, *lengths)
     rows: list[list[int]] = []
     room: list[int] = []
     for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         row = next((r for r, free in enumerate(room) if lengths[index] <= free), None)
         if row is None:
             rows.append([])
-            room.append(max(row_tokens, lengths[index]))
+            room.append(row_tokens)
             row = len(rows) - 1
         rows[row].append(index)
         room[row] -= lengths[index]

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/dpo_throughput.py                       # HH-like length mix, float32
     .venv/bin/python benchmarks/dpo_throughput.py --scenario memory     # vocab 128,256, length 1,024
     .venv/bin/python benchmarks/dpo_throughput.py --scenario real       # SmolLM2-135M, HH-like pairs
+    .venv/bin/python benchmarks/dpo_throughput.py --scenario real-short-prompts  # prompts a quarter of each pair
     .venv/bin/python benchmarks/dpo_throughput.py --dtype bfloat16 --rows bare-padded trl live-packed-chunked
 
 Every row runs in its own subprocess (so its peak RSS is its own) on the same model (randomly
@@ -210,6 +211,41 @@ SCENARIOS = {
         pretrained=REPO_ROOT / ".cache" / "dpo" / "models" / "SmolLM2-135M-Instruct",
         prompt_tokens=(16, 192),
         response_tokens=(4, 128),
+        rows=(
+            "bare-padded",
+            "bare-packed",
+            "bare-shared",
+            "bare-packed-shared",
+            "trl",
+            "default",
+            "live-packed-chunked",
+            "live-shared-chunked",
+            "live-packed-shared-chunked",
+            "precomputed-packed-shared-chunked",
+        ),
+    ),
+    "real-short-prompts": Scenario(
+        # UltraFeedback-like: one question, long answers; the prompt is about a quarter of each
+        # sequence, so prefix sharing saves less than on HH
+        description="HH-format pairs, prompts 8-64 tokens and responses 32-192 tokens (log-uniform, cut to fit "
+        "max_length), the model's tokenizer",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        max_length=256,
+        max_prompt_length=64,
+        batch_pairs=4,
+        warmup_steps=1,
+        timed_steps=3,
+        rounds=2,
+        interleave=True,
+        threads=2,  # the issue's measurement: two threads on a quiet two-core machine
+        pretrained=REPO_ROOT / ".cache" / "dpo" / "models" / "SmolLM2-135M-Instruct",
+        prompt_tokens=(8, 64),
+        response_tokens=(32, 192),
         rows=(
             "bare-padded",
             "bare-packed",
@@ -933,8 +969,8 @@ def real_goal_lines(results: dict[str, dict]) -> list[str]:
         best = min(ours, key=lambda name: total_seconds(ours[name]))
         ratio = total_seconds(trl) / total_seconds(ours[best])
         lines.append(
-            f"- best exact combination, {best}: useful tokens/s = {ratio:.2f}x TRL's (goal >= 2.0): "
-            f"{verdict(ratio >= 2.0)}"
+            f"- best exact combination, {best}: useful tokens/s = {ratio:.2f}x TRL's (goal >= 2.2): "
+            f"{verdict(ratio >= 2.2)}"
         )
     for name in (name for name, result in ours.items() if result.get("reference") == "live"):
         # the bare limit includes a reference forward pass, which precomputed rows never run
@@ -947,7 +983,7 @@ def real_goal_lines(results: dict[str, dict]) -> list[str]:
 
 def goal_lines(results: dict[str, dict], scenario: str) -> list[str]:
     """The project's four goals (the real scenario: its own three), checked against the rows that ran."""
-    if scenario == "real":
+    if scenario.startswith("real"):
         return real_goal_lines(results)
     lines = []
     for name in ROWS:
@@ -1074,7 +1110,7 @@ def parent_main(args: argparse.Namespace) -> None:
             for name in args.rows:
                 runs[name].append(interference.measure(run_row, name, args))
     results = {name: merge_rounds(row_runs) for name, row_runs in runs.items()}
-    rows_table = layout_table(results) if args.scenario == "real" else table(results)
+    rows_table = layout_table(results) if args.scenario.startswith("real") else table(results)
     lines = header(args, results, interference) + rows_table + [""] + notes(results)
     goals = goal_lines(results, args.scenario)
     if goals:

@@ -17,8 +17,14 @@ and the same batches, in the order train.py trains on them:
   share_prompt set so: bfloat16 autocast over float32 policy weights (autocast_dtype), a
   bfloat16 reference model (model.reference_dtype), chunked log-probs (the config's
   logps_chunk_tokens), AdamW.
-- packed-shared-compiled: the same with compile_backend (default inductor): every transformer
-  block compiled; its warmup steps include the compilation.
+- default: no layout override, what `python train.py loss=dpo` gives (packing and share_prompt
+  auto: packed prefix-shared rows, sdpa with a boolean mask).
+- flash-packed: packed rows under flash_attention_2 (varlen kernels; it takes no prefix-shared mask).
+- packed-shared-compiled: packed-shared with compile_backend (default inductor): every
+  transformer block compiled; its warmup steps include the compilation.
+- flex-packed-compiled / flex-shared-compiled / flex-packed-shared-compiled: the same layouts
+  under model.attn_implementation=flex_attention (the masks as BlockMasks, shared_prompt.py),
+  compiled likewise: the GPU choice between sdpa's dense mask and FlexAttention's block-sparse one.
 - fsdp-packed-shared: FSDPTrainer on one rank (a process group of one), with FSDP's mixed
   precision (model.fsdp_policy_mp=bfloat16) instead of autocast.
 - trl: TRL's DPOTrainer (bf16=True, padded, full logits) on the same float32 policy, with a
@@ -82,7 +88,11 @@ WORKLOADS = {
     "tiny": Workload(64, 128, 2, 4, 512, 256, 192, (16, 128), (4, 96), 4, 1, 2),
 }
 
+FLEX = "model.attn_implementation=flex_attention"
+FLASH = "model.attn_implementation=flash_attention_2"
+
 ROWS = {
+    "default": ("ours", []),  # what `python train.py loss=dpo` gives: auto packing and share_prompt, sdpa
     "padded": ("ours", ["packing=false", "share_prompt=false"]),
     "packed": ("ours", ["packing=true", "share_prompt=false"]),
     "shared": ("ours", ["packing=false", "share_prompt=true"]),
@@ -97,9 +107,15 @@ ROWS = {
             "model.fsdp_policy_mp=bfloat16",
         ],
     ),
+    # flash attention takes packed rows as varlen sequences, but no prefix-shared mask
+    "flash-packed": ("ours", ["packing=true", "share_prompt=false", FLASH]),
     "trl": ("trl", []),
-    # last, so that a slow compilation cannot crowd out the other rows of a time budget
-    "packed-shared-compiled": ("ours", ["packing=true", "share_prompt=true"]),  # + compile_backend
+    # last, so that a slow compilation cannot crowd out the other rows of a time budget; each + compile_backend.
+    # FlexAttention: the prefix-shared mask as a BlockMask whose fully masked blocks the kernel skips
+    "flex-packed-compiled": ("ours", ["packing=true", "share_prompt=false", FLEX]),
+    "flex-shared-compiled": ("ours", ["packing=false", "share_prompt=true", FLEX]),
+    "flex-packed-shared-compiled": ("ours", ["packing=true", "share_prompt=true", FLEX]),
+    "packed-shared-compiled": ("ours", ["packing=true", "share_prompt=true"]),
 }
 
 
@@ -146,7 +162,7 @@ def overrides(row: str, args: argparse.Namespace, scratch: Path, run_dir: str) -
     """The config of a row: model=tiny built at the workload's shape, DPO on the scratch folder's pairs."""
     workload = WORKLOADS[args.workload]
     row_overrides = list(ROWS[row][1])
-    if row == "packed-shared-compiled":
+    if row.endswith("-compiled"):
         row_overrides.append(f"compile_backend={args.compile_backend}")
     return [
         "model=tiny",

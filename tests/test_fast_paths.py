@@ -143,3 +143,13 @@ def test_shared_prompt_matches_padded_pairs(variant, tmp_path, monkeypatch):
 def test_shared_prompt_with_sft_is_refused():
     with pytest.raises(ConfigError, match="share_prompt=true .* loss=sft has no pairs"):
         validate_config(compose_config(["loss=sft", "share_prompt=true"]), world_size=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no backward pass on the CPU")
+@pytest.mark.parametrize("packing", ["packing=false", "packing=true"])
+def test_flex_attention_block_masks_train_like_the_padded_path(packing, tmp_path):
+    # on the GPU check (benchmarks/gpu_check.sh): the BlockMask path's gradients, whole runs long
+    base = equivalence_overrides("dpo") + FOUR_STEPS
+    plain = run(tmp_path, "plain", base + PLAIN)
+    flex = ["model.attn_implementation=flex_attention", "share_prompt=true", packing, "logps_chunk_tokens=64"]
+    assert_same_training(plain, run(tmp_path, "flex", base + PLAIN + flex), "flex " + packing)

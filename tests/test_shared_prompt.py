@@ -23,6 +23,7 @@ from forward_plan import attention_accepts_packed_rows, choose_plan
 from logprobs import IGNORE_INDEX, sequence_logps
 from loss_registry import LossSpec
 from shared_prompt import (
+    _first_fit,
     attention_accepts_shared_prompt_mask,
     flex_block_mask,
     shared_prompt_batch,
@@ -279,3 +280,9 @@ def test_flex_attention_on_the_cpu_is_refused_before_loading():
     config = compose_config(["model.attn_implementation=flex_attention", "device=cpu"])
     with pytest.raises(ConfigError, match="FlexAttention has no backward pass on the CPU"):
         validate_config(config, world_size=1)
+
+
+def test_packed_rows_fill_up_to_the_widest_pair_when_it_is_wider_than_row_tokens():
+    # the batch is 10 wide whatever row_tokens says: the 6 and the 4 share a row instead of taking two
+    assert _first_fit([10, 3, 4, 6], row_tokens=4) == [[0], [3, 2], [1]]
+    assert _first_fit([10, 3, 4, 6], row_tokens=20) == [[0, 3, 2], [1]]

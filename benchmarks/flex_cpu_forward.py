@@ -1,0 +1,106 @@
+"""FlexAttention against sdpa's boolean mask on the CPU: one forward pass over packed prefix-shared rows.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/flex_cpu_forward.py            # SmolLM2-135M, real shape
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/flex_cpu_forward.py --rounds 5 --pairs 8
+
+The trainer's choice on the CPU rests on this. FlexAttention has no backward pass on the CPU in
+torch 2.13 (flex_attention refuses inputs that require grad), so a policy cannot train with it
+here and config_checks refuses model.attn_implementation=flex_attention on the CPU; what is
+left to measure is a forward pass without gradients, the reference's share of a step. Both rows
+run the same model weights (dpo_throughput's `real` scenario: SmolLM2-135M-Instruct, or its
+architecture with random weights where the folder is missing) on the same batches of the
+scenario's HH-like pairs in the trainer's packed prefix-shared layout
+(shared_prompt.shared_prompt_batch with rows of max_length tokens): sdpa with the batch's
+(rows, 1, width, width) boolean mask, and flex_attention (compiled by transformers with
+inductor) with the BlockMask built from each position's pair and part (shared_prompt.flex_block_mask).
+The rows alternate batch by batch, and each batch counts with its fastest round. The first
+flex call compiles; its time is printed apart. Log-probs of both are compared.
+"""
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pairs", type=int, default=4, help="pairs per batch (the real scenario's batch)")
+    parser.add_argument("--batches", type=int, default=4, help="batches timed")
+    parser.add_argument("--rounds", type=int, default=3, help="times each batch runs on each row")
+    args = parser.parse_args()
+
+    import dpo_throughput
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shared_prompt import flex_block_mask, shared_prompt_batch, shared_prompt_logps
+    from tokenization import TokenizeSettings, tokenize_datasets
+
+    scenario = dpo_throughput.SCENARIOS["real"]
+    with tempfile.TemporaryDirectory() as scratch:
+        folder, described = dpo_throughput.model_folder(scenario, Path(scratch) / "model")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        data = Path(scratch) / "pairs.jsonl"
+        dpo_throughput.write_pairs(scenario, tokenizer, args.pairs * args.batches, data)
+        settings = TokenizeSettings(scenario.max_length, scenario.max_prompt_length, sft_mode=False)
+        examples, _ = tokenize_datasets([str(data)], "train", tokenizer, settings)
+        sdpa = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
+        flex = copy.deepcopy(sdpa)
+        flex.config._attn_implementation = "flex_attention"
+    pad = tokenizer.pad_token_id
+    batches = []
+    for start in range(0, args.pairs * args.batches, args.pairs):
+        batch = shared_prompt_batch([examples[i] for i in range(start, start + args.pairs)], pad, scenario.max_length)
+        batches.append(batch)
+
+    def run_sdpa(batch):
+        return shared_prompt_logps(sdpa, batch, chunk_tokens=1024)[0]
+
+    def run_flex(batch):
+        flex_batch = dict(batch, block_mask=flex_block_mask(batch["pair_ids"], batch["parts"]))
+        return shared_prompt_logps(flex, flex_batch, chunk_tokens=1024)[0]
+
+    with torch.no_grad():
+        start = time.perf_counter()
+        first = run_flex(batches[0])
+        compile_seconds = time.perf_counter() - start
+        worst = (first - run_sdpa(batches[0])).abs().max().item()
+        best = {"sdpa": [float("inf")] * len(batches), "flex": [float("inf")] * len(batches)}
+        for _ in range(args.rounds):
+            for index, batch in enumerate(batches):
+                for name, run in (("sdpa", run_sdpa), ("flex", run_flex)):
+                    start = time.perf_counter()
+                    run(batch)
+                    best[name][index] = min(best[name][index], time.perf_counter() - start)
+    try:
+        flex.train()
+        run_flex_grad = shared_prompt_logps(flex, dict(batches[0]), chunk_tokens=1024)[0].sum()
+        run_flex_grad.backward()
+        backward = "ran"
+    except Exception as error:  # noqa: BLE001  (raised through dynamo, whose wrapper types vary)
+        backward = f"refused: {type(error).__name__}: {str(error).strip().splitlines()[-1]}"
+    tokens = sum(int((batch["pair_ids"] >= 0).sum()) for batch in batches)
+    print(f"model: {described}")
+    threads = os.environ.get("OMP_NUM_THREADS")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (OMP_NUM_THREADS={threads})")
+    print(f"{len(batches)} batches of {args.pairs} pairs, packed prefix-shared rows of {scenario.max_length} tokens, "
+          f"{tokens} row tokens; best of {args.rounds} alternating rounds; float32, no gradients")  # fmt: skip
+    print(f"flex first call (compilation included): {compile_seconds:.1f} s; largest log-prob difference {worst:.2e}")
+    print("| attention | s per forward | row tokens/s |")
+    print("|---|---:|---:|")
+    for name in ("sdpa", "flex"):
+        seconds = sum(best[name])
+        print(f"| {name} | {seconds / len(batches):.3f} | {tokens / seconds:,.0f} |")
+    print(f"flex backward on the CPU: {backward}")
+
+
+if __name__ == "__main__":
+    main()
