@@ -2,8 +2,10 @@
 # The GPU check of this project, prepared for one machine with a single NVIDIA GPU (H100/H200
 # class) and no network, in under 8 minutes: install what the machine lacks from wheels carried in
 # .whl/, run the tests that exercise CUDA, then benchmarks/gpu_benchmark.py (a 0.73B Llama-style
-# model built from config, bfloat16: padded, packed, prefix-shared, FSDPTrainer on one rank, TRL,
-# compile_backend=inductor), printing tokens/s, peak GPU memory and model FLOP utilisation.
+# model built from config, bfloat16: the default, padded, packed, prefix-shared, FSDPTrainer on one
+# rank, flash_attention_2 packed, TRL, then compiled with inductor: FlexAttention packed,
+# prefix-shared and both, and sdpa packed prefix-shared), printing tokens/s, peak GPU memory and
+# model FLOP utilisation. The FlexAttention rows against the sdpa ones decide the GPU's attention.
 #
 # IT HAS NOT RUN ON A GPU YET: no GPU was available to this project when it was written. Only its
 # CPU smoke mode (--cpu-smoke) has run. The first GPU run is its test: fix what breaks.
@@ -25,7 +27,8 @@
 #   python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3   # source only on PyPI; pure Python
 #
 # Tests: tests/test_fast_paths.py runs whole trainings on config.device=auto, so on the GPU they
-# check packing, chunked log-probs, prefix sharing (full logits, chunked, packed, precomputed),
+# check packing, chunked log-probs, prefix sharing (full logits, chunked, packed, precomputed, and
+# as FlexAttention BlockMasks: gradients, which the CPU cannot check),
 # precomputed reference log-probs, compiled blocks and bfloat16 autocast on CUDA, each against the
 # plain path on the same device. Its two-process FSDP / tensor-parallel test needs two GPUs and is
 # left out. tests/test_shared_prompt.py and tests/test_chunked_logps.py build their tensors on the
