@@ -40,6 +40,11 @@ SPLITS = ("train", "test")
 
 _QUESTION = re.compile(r"Which is the (largest|smallest) of (\d+(?:, \d+)*)\? Answer with the number only\.")
 _BARE_NUMBER = re.compile(r"\s*(\d+)\.?\s*")
+_ANY_NUMBER = re.compile(r"\d+")
+_LIST_SEPARATOR = r"(?:\s*,\s*(?:and\s+|or\s+)?|\s+(?:and|or)\s+)"  # ", ", ", and ", " and ", " or "
+# the number first, as its own sentence or line, or as the subject: "78", "78.\nThe largest...", "78 is the largest."
+_STATED_FIRST = re.compile(r"\s*(\d+)(?:\s*[.\n].*|\s+is the (?:largest|smallest)\b.*)?", re.DOTALL)
+_STATED_LAST = re.compile(r".*(?:\bis|:|=)\s*(\d+)\.?\s*", re.DOTALL)  # "... is 78.", "Answer: 78"
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,34 @@ def _problem_from_prompt(prompt_messages: Sequence[dict]) -> Problem:
     if match is None:
         raise ValueError(f"Not a prompt of the chat numbers task: {prompt_messages!r}")
     return Problem(tuple(int(number) for number in match.group(2).split(", ")), match.group(1))
+
+
+def stated_number(problem: Problem, completion_text: str) -> int | None:
+    """The number a completion gives as its answer, wording aside; None when it gives none, or several.
+
+    First every restatement of the question's list is taken out: a run of two or more of the
+    listed numbers joined as a list ("24, 14, 78", "45, 14, and 48"), so that a restated question
+    names no number. What is left must name exactly one number (a second one makes the answer
+    ambiguous: "84, which is smaller than 38"), and state it: alone or as the first sentence ("78.
+    ..."), as the subject ("78 is the largest."), or last, after "is", ":" or "=" ("The largest of
+    24, 14, 78 is 78."). A number mentioned in passing is no answer ("To find the smallest of 23,
+    87, 84, we need a multiple of 23", "14 is incorrect").
+    """
+    listed = "|".join(str(number) for number in problem.numbers)
+    one_listed = rf"\b(?:{listed})\b"
+    restatement = re.compile(rf"{one_listed}(?:{_LIST_SEPARATOR}{one_listed})+")
+    rest = restatement.sub(" ", completion_text)
+    named = set(_ANY_NUMBER.findall(rest))
+    if len(named) != 1:
+        return None
+    stated = _STATED_FIRST.fullmatch(rest) or _STATED_LAST.fullmatch(rest)
+    return int(stated.group(1)) if stated else None
+
+
+def score_content(prompt_messages: Sequence[dict], completion_text: str) -> bool:
+    """Whether `completion_text` gives the right number as its answer, in any wording (`stated_number`)."""
+    problem = _problem_from_prompt(prompt_messages)
+    return stated_number(problem, completion_text) == problem.answer
 
 
 def score_answer(prompt_messages: Sequence[dict], completion_text: str) -> bool:

@@ -43,3 +43,18 @@ def chat_numbers(prompt: str, messages: list[dict] | None, response: str) -> flo
     if messages is None:
         raise ValueError("The chat_numbers scorer needs conversational prompts (the demo-chat task's files).")
     return float(chat_task.score_answer(messages, response))
+
+
+@rule_scorer("chat_numbers_graded")
+def chat_numbers_graded(prompt: str, messages: list[dict] | None, response: str) -> float:
+    """The demo-chat task, content and form apart: 1 for the right number alone, 0.5 for the right number as the
+    answer in other words ("The largest of 24, 14, 78 is 78."), 0 for anything else (chat_task.score_content).
+
+    With make_pairs.py's pairing=all_above_gap min_gap=0.5 a prompt's samples pair right against wrong and
+    well-formed right against wordy right.
+    """
+    if messages is None:
+        raise ValueError("The chat_numbers_graded scorer needs conversational prompts (the demo-chat task's files).")
+    if chat_task.score_answer(messages, response):
+        return 1.0
+    return 0.5 if chat_task.score_content(messages, response) else 0.0

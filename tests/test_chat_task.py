@@ -4,7 +4,17 @@ import json
 
 import pytest
 
-from chat_task import Problem, make_problems, preference_rows, score_answer, sft_rows, write_task_files
+from chat_task import (
+    Problem,
+    make_problems,
+    preference_rows,
+    score_answer,
+    score_content,
+    sft_rows,
+    stated_number,
+    write_task_files,
+)
+from evaluation.rules import RULE_SCORERS
 
 PROMPT = [{"role": "user", "content": "Which is the largest of 50, 98, 54? Answer with the number only."}]
 
@@ -57,6 +67,67 @@ def test_preference_rows_reject_the_restatement_then_every_wrong_number():
 )
 def test_score_answer_wants_the_right_number_alone(completion, expected):
     assert score_answer(PROMPT, completion) is expected
+
+
+def _prompt(question: str) -> list[dict]:
+    return [{"role": "user", "content": f"{question} Answer with the number only."}]
+
+
+# greedy and sampled answers of SmolLM2-135M-Instruct (and of DPO runs) to held-out prompts, as generated
+@pytest.mark.parametrize(
+    "question, completion, stated",
+    [
+        ("Which is the largest of 24, 14, 78?", "The largest of 24, 14, 78 is 78.", 78),
+        ("Which is the largest of 36, 80, 46?", "The largest of 36, 80, 46 is 46.", 46),
+        ("Which is the smallest of 45, 14, 48?", "The smallest of 45, 14, and 48 is 14.", 14),
+        ("Which is the smallest of 84, 59, 38?", "The smallest of the six numbers is 38.", 38),
+        ("Which is the largest of 58, 31, 43?", "The largest of 58, 31, 43 is 11.", 11),
+        ("Which is the largest of 53, 70, 78?", "The answer is 78.", 78),
+        ("Which is the largest of 53, 70, 89?", "Sure, with the number only, the answer is 89.", 89),
+        ("Which is the largest of 24, 14, 78?", "78", 78),
+        ("Which is the largest of 24, 14, 78?", "78 is the largest.", 78),
+        ("Which is the largest of 53, 12, 29?", "125.", 125),
+        # a restated list is no answer, even when it ends on the right number
+        ("Which is the largest of 14, 47, 62?", "The largest of 14, 47, 62 is 14, 47, 62.", None),
+        ("Which is the smallest of 23, 95, 89?", "The smallest of 23, 95, 89 is 23, 95, and 89.", None),
+        # two candidate answers
+        (
+            "Which is the smallest of 84, 38, 65?",
+            "The smallest of 84, 38, 65 is 84, which is the smallest of 38, 65.",
+            None,
+        ),
+        ("Which is the smallest of 18, 66, 70?", "The only two numbers in this scenario are 18 and 66.", None),
+        # a number in passing, an unfinished answer
+        (
+            "Which is the smallest of 23, 87, 84?",
+            "To find the smallest of 23, 87, 84, we need to find the smallest integer that is a multiple of 23",
+            None,
+        ),
+        ("Which is the smallest of 86, 84, 97?", "To find the smallest of 86, 84, 97, we need to find the", None),
+        ("Which is the smallest of 14, 40, 61?", "14 is incorrect. Slugging in the dwarf number allows", None),
+        ("Which is the largest of 24, 14, 78?", "", None),
+    ],
+)
+def test_stated_number_is_the_answer_given_not_a_number_restated(question, completion, stated):
+    problem = Problem(tuple(int(n) for n in question[question.index("of ") + 3 : -1].split(", ")), question.split()[3])
+    assert stated_number(problem, completion) == stated
+    assert score_content(_prompt(question), completion) is (stated == problem.answer)
+
+
+def test_content_and_strict_scores_and_the_graded_scorer():
+    graded = RULE_SCORERS["chat_numbers_graded"]
+    for completion, content, strict, grade in [
+        ("98", True, True, 1.0),
+        (" 98.\n", True, True, 1.0),
+        ("The largest of 50, 98, 54 is 98.", True, False, 0.5),
+        ("The largest of 50, 98, 54 is 54.", False, False, 0.0),
+        ("54", False, False, 0.0),
+        ("The largest of 50, 98, 54 is 50, 98, 54.", False, False, 0.0),
+    ]:
+        assert (score_content(PROMPT, completion), score_answer(PROMPT, completion)) == (content, strict), completion
+        assert graded("", PROMPT, completion) == grade, completion
+    with pytest.raises(ValueError, match="conversational prompts"):
+        graded("Which is the largest of 50, 98, 54?", None, "98")
 
 
 def test_score_answer_rejects_a_prompt_of_another_task():
