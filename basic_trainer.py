@@ -559,7 +559,7 @@ class BasicTrainer:
             return self._shared_rows[1]
         pairs = shared_prompt_batch(examples, self.pad_token_id, self.plan.pair_row_tokens)
         batch = {k: v.to(self.device) for k, v in pairs.items()}
-        if self.policy.config._attn_implementation == "flex_attention":
+        if self.plan.block_masks:
             batch["block_mask"] = flex_block_mask(batch["pair_ids"], batch["parts"])
         self._shared_rows = (examples, batch)  # holding the list keeps its identity from being reused
         return batch

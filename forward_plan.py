@@ -48,6 +48,7 @@ class ForwardPlan:
     share_prompt: bool  # each pair one row segment, its prompt run once
     chunk_tokens: int | None  # chunked log-probs, this many positions at a time; None: the model's full logits
     row_tokens: int  # a packed row's width (max_length; a longer sequence gets a row of its own)
+    block_masks: bool = False  # prefix-shared masks as FlexAttention BlockMasks (flex_attention models)
 
     @property
     def layout(self) -> str:
@@ -63,7 +64,8 @@ class ForwardPlan:
 
     def describe(self) -> str:
         chunks = f", log-probs projected {self.chunk_tokens} positions at a time" if self.chunk_tokens else ""
-        return f"{self.layout} rows{chunks}"
+        masks = ", FlexAttention block masks" if self.block_masks else ""
+        return f"{self.layout} rows{masks}{chunks}"
 
 
 def choose_plan(
@@ -98,7 +100,8 @@ def choose_plan(
         else:
             console.say(f"note: {type(model).__name__} post-processes its logits; logps_chunk_tokens is ignored")
         release(model)
-    return ForwardPlan(packing, share_prompt, chunk_tokens, max_length)
+    block_masks = share_prompt and model.config._attn_implementation == "flex_attention"
+    return ForwardPlan(packing, share_prompt, chunk_tokens, max_length, block_masks)
 
 
 def _switch(config: DictConfig, key: str, applies: bool, accepted: Callable[[], bool], model: nn.Module) -> bool:

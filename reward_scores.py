@@ -86,6 +86,7 @@ def shared_prompt_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> to
     return sequence_scores(model, inputs, batch["score_index"])
 
 
+@torch.no_grad()
 def attention_accepts_shared_prompt_scores(model: nn.Module, max_length: int, pad_token_id: int) -> bool:
     """Whether a reward model scores a shared-prompt pair as it scores its two sequences apart.
 

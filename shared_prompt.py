@@ -258,7 +258,6 @@ def shared_prompt_logps(
     return logps, n_tokens
 
 
-@torch.no_grad()
 def mask_unsupported_reason(model: nn.Module, max_length: int) -> str | None:
     """Why the model's attention cannot take the prefix-shared mask, known from its config alone; None if it may."""
     implementation = model.config._attn_implementation
@@ -270,6 +269,7 @@ def mask_unsupported_reason(model: nn.Module, max_length: int) -> str | None:
     return None
 
 
+@torch.no_grad()
 def attention_accepts_shared_prompt_mask(model: nn.Module, max_length: int) -> bool:
     """Whether the model computes on a shared-prompt batch what it computes on the two sequences apart.
 

@@ -209,14 +209,18 @@ def test_probe_rejects_a_sliding_window_shorter_than_max_length():
 
 @pytest.fixture
 def uncompiled_flex_attention(monkeypatch):
-    """transformers' flex_attention without torch.compile: the same mask semantics, no inductor build in the suite."""
-    from torch.nn.attention.flex_attention import flex_attention
+    """transformers' flex_attention and its own block masks without torch.compile: the same semantics, no compiling."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from transformers import masking_utils
     from transformers.integrations import flex_attention as integration
 
     def plain(query, key, value, training=False, **kwargs):
         return flex_attention(query, key, value, **kwargs)
 
     monkeypatch.setattr(integration, "compile_friendly_flex_attention", plain)
+    monkeypatch.setattr(
+        masking_utils, "create_block_mask", lambda *args, _compile=False, **kwargs: create_block_mask(*args, **kwargs)
+    )
 
 
 @pytest.mark.parametrize("row_tokens", [None, ROW_TOKENS])
@@ -236,6 +240,8 @@ def test_flex_block_mask_gives_the_padded_log_probs(architecture, row_tokens, un
         dense = create_mask(batch["block_mask"].mask_mod, rows, 1, width, width, device="cpu")
         assert torch.equal(dense, batch["attention_mask"])
         assert attention_accepts_shared_prompt_mask(model, max_length=16)
+    plan = plan_for(["loss=dpo"], model)  # the trainer builds each batch's BlockMask once (shared_prompt_rows)
+    assert (plan.layout, plan.block_masks) == ("packed-shared", True)
 
 
 class PositionIgnoringModel(MaskIgnoringModel):
