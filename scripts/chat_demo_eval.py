@@ -201,7 +201,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="held-out preference rows (chat_task.py test.jsonl)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="greedy answer length limit")
-    parser.add_argument("--samples", type=int, default=4, help="held-out prompts whose answers are printed")
+    parser.add_argument("--samples", type=int, default=6, help="held-out prompts whose answers are printed")
     parser.add_argument("--seed", type=int, default=0, help="which prompts' answers are printed")
     parser.add_argument("--out", type=Path, default=None, help="a .json file for every model's per-prompt results")
     parser.add_argument("models", nargs="+", help="LABEL=FOLDER, each a Hugging Face model folder")
