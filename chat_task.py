@@ -20,8 +20,9 @@ with only the favourite rejected, a short DPO trial moved the greedy answers ont
 
 A completion is scored two ways: `score_answer`, the strict form (the right number and nothing
 else, allowing surrounding whitespace and one trailing period), and `score_content`, the content
-(the right number given as the answer in any wording; `stated_number` says what counts). `sft_rows` gives the chosen conversations (`messages` form) for
-an optional short SFT stage. Train and test never share a set of numbers, whatever the seed.
+(the right number given as the answer in any wording; `stated_number` says what counts).
+`sft_rows` gives the chosen conversations (`messages` form) for an optional short SFT stage.
+Train and test never share a set of numbers, whatever the seed.
 """
 
 import argparse
