@@ -27,15 +27,16 @@ ROUND1_EXAMPLES=${ROUND1_EXAMPLES:-256}  # written pairs trained on in round 1 (
 ROUND2_PROMPTS=${ROUND2_PROMPTS:-256}    # prompts sampled for round 2 (4 answers each)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-train() {  # train LABEL DATASET [train.py settings...]: one round; prints the run's LATEST folder last
-    local label=$1 dataset=$2 log
+train() {  # train LABEL DATASET [train.py settings...]: one round, its output in $OUT/LABEL.log; prints its LATEST
+    local label=$1 dataset=$2 log=$OUT/$1.log
     shift 2
-    log=$(mktemp)
+    mkdir -p "$OUT"
+    echo "training (output: $log)" >&2
     "$PYTHON" -u train.py model=smollm2-135m model.name_or_path="$MODEL" datasets="[$dataset]" \
         exp_name="chat_$label" "local_dirs=[$OUT/$label]" loss=dpo loss.beta=0.1 loss.sft_weight=1.0 \
         lora.enabled=true share_prompt=true packing=true optimizer=AdamW lr=2e-4 warmup_steps=2 batch_size=8 \
         max_length=128 max_prompt_length=112 do_first_eval=false eval_every=100000 n_eval_examples=16 \
-        sample_during_eval=false "$@" >"$log" 2>&1 || { cat "$log"; exit 1; }
+        sample_during_eval=false "$@" >"$log" 2>&1 || { cat "$log" >&2; exit 1; }
     grep -E '^(policy|forward passes|eval after)' "$log" >&2
     echo "$(sed -n 's/^run folder: //p' "$log" | head -n 1)/LATEST"
 }
