@@ -129,7 +129,11 @@ def check_checkpoint_loads_and_generates(checkpoint: Path) -> None:
 
 
 def stage_args(tmp_path: Path) -> list[str]:
-    return SMALL_MODEL + [f"local_dirs=[{tmp_path}]", "n_examples=128", "eval_every=64", "n_eval_examples=64"]
+    # short samples: generation is not what these tests check, and 256 new tokens each would be most of their time
+    return SMALL_MODEL + [
+        f"local_dirs=[{tmp_path}]", "n_examples=128", "eval_every=64", "n_eval_examples=64",
+        "sampling.max_new_tokens=24",
+    ]  # fmt: skip
 
 
 def test_sft_then_dpo_from_the_command_line(tmp_path):
