@@ -115,7 +115,8 @@ def _switch(config: DictConfig, key: str, applies: bool, accepted: Callable[[], 
         why = "a probe found its hidden states on a packed row differ from each sequence's alone"
     else:
         why = mask_unsupported_reason(model, config.max_length) or "a probe found it ignores the mask"
-    message = f"{type(model).__name__} ({model.config._attn_implementation} attention) cannot take {key} rows: {why}"
+    rows = "packed" if key == "packing" else "prefix-shared"
+    message = f"{type(model).__name__} ({model.config._attn_implementation} attention) cannot take {rows} rows: {why}"
     if value is True:
         raise ConfigError([f"{key}=true, but {message}. Use {key}=auto (falls back with a note) or {key}=false."])
     console.say(f"note: {message}; {key}=auto runs without it")
