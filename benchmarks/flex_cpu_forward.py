@@ -48,18 +48,12 @@ def use_uncompiled_flex_attention() -> None:
     integration.compile_friendly_flex_attention = plain
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--pairs", type=int, default=4, help="pairs per batch (the real scenario's batch)")
-    parser.add_argument("--batches", type=int, default=4, help="batches timed")
-    parser.add_argument("--rounds", type=int, default=3, help="times each batch runs on each row")
-    args = parser.parse_args()
-
+def models_and_batches(pairs: int, n_batches: int):
+    """(model description, sdpa model, flex model with the same weights, batches, row width): the real scenario's."""
     import dpo_throughput
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from shared_prompt import flex_block_mask, shared_prompt_batch, shared_prompt_logps
+    from shared_prompt import shared_prompt_batch
     from tokenization import TokenizeSettings, tokenize_datasets
 
     scenario = dpo_throughput.SCENARIOS["real"]
@@ -67,18 +61,46 @@ def main() -> None:
         folder, described = dpo_throughput.model_folder(scenario, Path(scratch) / "model")
         tokenizer = AutoTokenizer.from_pretrained(folder)
         data = Path(scratch) / "pairs.jsonl"
-        n_pairs = 2 * args.pairs * args.batches + 16  # tokenize_datasets keeps some for the test split
+        n_pairs = 2 * pairs * n_batches + 16  # tokenize_datasets keeps some for the test split
         dpo_throughput.write_pairs(scenario, tokenizer, n_pairs, data)
         settings = TokenizeSettings(scenario.max_length, scenario.max_prompt_length, sft_mode=False)
         examples, _ = tokenize_datasets([str(data)], "train", tokenizer, settings)
         sdpa = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
         flex = copy.deepcopy(sdpa)
         flex.config._attn_implementation = "flex_attention"
-    pad = tokenizer.pad_token_id
-    batches = []
-    for start in range(0, args.pairs * args.batches, args.pairs):
-        batch = shared_prompt_batch([examples[i] for i in range(start, start + args.pairs)], pad, scenario.max_length)
-        batches.append(batch)
+    batches = [
+        shared_prompt_batch(
+            [examples[i] for i in range(start, start + pairs)], tokenizer.pad_token_id, scenario.max_length
+        )
+        for start in range(0, pairs * n_batches, pairs)
+    ]
+    return described, sdpa, flex, batches, scenario.max_length
+
+
+def backward_on_the_cpu(flex, batch: dict) -> str:
+    """What happens when the flex model's log-probs of a batch get a backward pass (torch 2.13: it is refused)."""
+    from shared_prompt import shared_prompt_logps
+
+    try:
+        flex.train()
+        shared_prompt_logps(flex, dict(batch), chunk_tokens=1024)[0].sum().backward()
+        return "ran"
+    except Exception as error:  # noqa: BLE001  (raised through dynamo, whose wrapper types vary)
+        return f"refused: {type(error).__name__}: {first_error_line(error)}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pairs", type=int, default=4, help="pairs per batch (the real scenario's batch)")
+    parser.add_argument("--batches", type=int, default=4, help="batches timed")
+    parser.add_argument("--rounds", type=int, default=3, help="times each batch runs on each row")
+    args = parser.parse_args()
+
+    import torch
+
+    from shared_prompt import flex_block_mask, shared_prompt_logps
+
+    described, sdpa, flex, batches, row_tokens = models_and_batches(args.pairs, args.batches)
 
     def run_sdpa(batch):
         return shared_prompt_logps(sdpa, batch, chunk_tokens=1024)[0]
@@ -110,18 +132,12 @@ def main() -> None:
                     start = time.perf_counter()
                     run(batch)
                     best[name][index] = min(best[name][index], time.perf_counter() - start)
-    try:
-        flex.train()
-        run_flex_grad = shared_prompt_logps(flex, dict(batches[0]), chunk_tokens=1024)[0].sum()
-        run_flex_grad.backward()
-        backward = "ran"
-    except Exception as error:  # noqa: BLE001  (raised through dynamo, whose wrapper types vary)
-        backward = f"refused: {type(error).__name__}: {first_error_line(error)}"
+    backward = backward_on_the_cpu(flex, batches[0])
     tokens = sum(int((batch["pair_ids"] >= 0).sum()) for batch in batches)
     print(f"model: {described}")
     threads = os.environ.get("OMP_NUM_THREADS")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (OMP_NUM_THREADS={threads})")
-    print(f"{len(batches)} batches of {args.pairs} pairs, packed prefix-shared rows of {scenario.max_length} tokens, "
+    print(f"{len(batches)} batches of {args.pairs} pairs, packed prefix-shared rows of {row_tokens} tokens, "
           f"{tokens} row tokens; best of {args.rounds} alternating rounds; float32, no gradients")  # fmt: skip
     print(f"flex_attention kernel: {kernel}")
     print(f"flex first calls (compilation included): {compile_seconds:.1f} s; largest log-prob difference {worst:.2e}")
